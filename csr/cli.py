@@ -43,3 +43,134 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def fraction(s: str) -> float:
+    """A float that may be written as a fraction, e.g. `1/32`."""
+    if "/" in s:
+        num, den = s.split("/", 1)
+        return float(num) / float(den)
+    return float(s)
+
+
+def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "self") -> None:
+    """The CSR model / optimisation / contrastive / runtime flags shared by every training script.
+
+    Defaults are the paper's recipe (main_visual.py of the reference); deviations are flags, off by default.
+    """
+    m = p.add_argument_group("model")
+    m.add_argument("--topk", type=positive_int, default=8, help="active units k per code (paper: 8..256)")
+    m.add_argument("--auxk", type=int, default=512, help="dead units used by the AuxK loss (paper: 512)")
+    m.add_argument("--hidden-size", "--hidden_size", dest="hidden_size", type=positive_int, default=None,
+                   help="number of latent units (default 4·d, d read from the embeddings)")
+    m.add_argument("--dead_threshold", "--dead-threshold", dest="dead_threshold", type=int, default=30,
+                   help="a unit is dead after this many training STEPS without firing (reference counted "
+                        "forward calls, 3 per step)")
+    bool_flag(m, "--tied", default=True, help="decoder = encoder^T (reference); False: untied unit-norm decoder")
+    bool_flag(m, "--normalize", default=False, help="standardise each input (sentence-transformers' option)")
+    m.add_argument("--bpre-init", "--bpre_init", dest="bpre_init", default="zeros",
+                   choices=["zeros", "mean", "geometric_median"], help="initial pre-encoder bias b_pre")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate (paper: 4e-4)")
+    o.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=4096,
+                   help="global batch size (paper: 4096)")
+    o.add_argument("--epochs", type=positive_int, default=10, help="epochs (paper: 10)")
+    o.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=0,
+                   help="stop after this many optimiser steps (0 = all epochs)")
+    o.add_argument("--wd", type=float, default=0.0, help="Adam weight decay")
+    o.add_argument("--adam-eps", type=float, default=6.25e-10, help="Adam epsilon (reference: 6.25e-10)")
+    o.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                   help="LR schedule (reference: constant, a StepLR with gamma 1)")
+    o.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps")
+    o.add_argument("--grad-clip", "--grad-clip-norm", dest="grad_clip", type=float, default=0.0,
+                   help="clip the gradient norm (0 = off)")
+    o.add_argument("--recon-loss", "--recon_loss", dest="recon_loss", default="mse", choices=["mse", "nmse"],
+                   help="reconstruction loss: mse (reference) or nmse = MSE / Var(x)")
+    o.add_argument("--auxk_coef", "--auxk-coef", dest="auxk_coef", type=fraction, default=1 / 32,
+                   help="AuxK loss weight beta (paper: 1/32)")
+    o.add_argument("--multi-k-coef", type=fraction, default=1 / 8, help="weight of the 4k reconstruction (1/8)")
+    c = p.add_argument_group("contrastive")
+    bool_flag(c, "--use_CL", "--use-cl", default=True, help="add the contrastive term (paper: True)")
+    c.add_argument("--cl", default=cl, choices=["self", "label", "pair", "none"],
+                   help="contrastive positives: self (reference), label (same class), pair, none")
+    c.add_argument("--cl_coef", "--cl-coef", dest="cl_coef", type=float, default=cl_coef,
+                   help=f"contrastive weight gamma (default {cl_coef})")
+    c.add_argument("--temperature", type=float, default=0.2, help="contrastive temperature (reference: 0.2)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--seed", type=int, default=1227, help="random seed")
+    r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    r.add_argument("--gpu", type=int, default=None, help="CUDA device index for a single-process run")
+    bool_flag(r, "--use_ddp", "--use-ddp", default=False, help="DistributedDataParallel under torchrun")
+    bool_flag(r, "--amp", default=True, help="bfloat16 autocast on CUDA")
+    bool_flag(r, "--resume", default=False, help="resume from OUT/last.pt")
+    bool_flag(r, "--overwrite", default=False, help="replace an existing OUT/csr.pt")
+    bool_flag(r, "--keep-epochs", default=False, help="keep a checkpoint of every epoch (OUT/epochNNN.pt)")
+
+
+def configs_from_args(args: argparse.Namespace, input_dim: int):
+    """Build (CSRConfig, TrainConfig) from the flags of `add_train_args`."""
+    from csr.model import CSRConfig
+    from csr.train import TrainConfig
+    hidden = args.hidden_size or 4 * input_dim
+    if args.topk > hidden:
+        raise CSRError(f"--topk {args.topk} is larger than --hidden-size {hidden}")
+    try:
+        model_cfg = CSRConfig(input_dim=input_dim, hidden_size=hidden, topk=args.topk, auxk=args.auxk,
+                              dead_threshold=args.dead_threshold, tied=args.tied, normalize=args.normalize)
+    except ValueError as e:
+        raise CSRError(str(e)) from None
+    train_cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
+                            cl=args.cl if args.use_CL else "none", cl_coef=args.cl_coef,
+                            temperature=args.temperature, auxk_coef=args.auxk_coef,
+                            multi_k_coef=args.multi_k_coef, recon_loss=args.recon_loss, wd=args.wd,
+                            adam_eps=args.adam_eps, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                            grad_clip=args.grad_clip, bpre_init=args.bpre_init, seed=args.seed, amp=args.amp,
+                            max_steps=args.max_steps, keep_epochs=args.keep_epochs)
+    return model_cfg, train_cfg
+
+
+def train_from_args(args: argparse.Namespace, emb_path: str, out_dir: str, pair_path: str | None = None,
+                    labels_path: str | None = None) -> dict:
+    """Load embeddings (and labels / paired rows), build the model from the flags, train, print a summary."""
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from csr import distributed
+    from csr.io import labels_path_for, load_embeddings, load_labels
+    from csr.model import CSR
+    from csr.train import TrainData, train
+
+    out = Path(out_dir)
+    if (out / "csr.pt").exists() and not (args.overwrite or args.resume):
+        raise CSRError(f"{out / 'csr.pt'} exists; pass --overwrite to replace it or --resume to continue")
+    x = load_embeddings(emb_path)
+    lab_path = Path(labels_path) if labels_path else labels_path_for(emb_path)
+    need_labels = args.use_CL and args.cl == "label"
+    labels = load_labels(lab_path, x.shape[0], required=need_labels)
+    x_pair = None
+    if pair_path:
+        x_pair = load_embeddings(pair_path)
+        if x_pair.shape != x.shape:
+            raise CSRError(f"{pair_path}: paired embeddings have shape {x_pair.shape}, expected {x.shape}")
+    model_cfg, train_cfg = configs_from_args(args, x.shape[1])
+    rt = distributed.setup(args.use_ddp, args.device, args.gpu)
+    try:
+        torch.manual_seed(train_cfg.seed)
+        model = CSR(model_cfg)
+        if rt.is_main:
+            print(f"data: {emb_path} {tuple(x.shape)} {x.dtype}" + (f", labels {lab_path}" if labels is not None else ""))
+            print(f"model: {model_cfg}")
+            print(f"train: {train_cfg}")
+            print(f"runtime: device {rt.device}, world size {rt.world_size}")
+        t0 = time.time()
+        summary = train(model, TrainData(x, labels, x_pair), train_cfg, out, rt, args=vars(args), resume=args.resume)
+        if rt.is_main:
+            print(f"done in {time.time() - t0:.1f}s: {summary['steps']} steps, final loss "
+                  f"{summary.get('loss_total', float('nan')):.5g}, dead latents {summary.get('dead_fraction', 0):.1%} "
+                  f"(not fired in {model_cfg.dead_threshold} steps)")
+            print(f"wrote {out / 'csr.pt'} (+ last.pt, log.jsonl, csr.json)")
+        return summary
+    finally:
+        distributed.cleanup()

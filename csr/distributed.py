@@ -1,0 +1,67 @@
+"""torchrun / DDP plumbing: one place that knows about ranks, devices and the process group."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Runtime:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(device: str = "auto", gpu: int | None = None, local_rank: int = 0) -> torch.device:
+    """`auto` = CUDA when present. `gpu` (the paper's `--gpu N`) picks a CUDA index for single-process runs."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            from csr.io import CSRError
+            raise CSRError("--device cuda requested but CUDA is not available")
+        index = local_rank if int(os.environ.get("WORLD_SIZE", "1")) > 1 else (gpu or 0)
+        index = min(index, torch.cuda.device_count() - 1)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device(device)
+
+
+def setup(use_ddp: bool, device: str = "auto", gpu: int | None = None) -> Runtime:
+    """Initialise the process group when launched by torchrun with `use_ddp` (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not use_ddp or world == 1:
+        return Runtime(device=pick_device(device, gpu))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, gpu, local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

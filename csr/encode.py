@@ -1,0 +1,40 @@
+"""Batched inference: embeddings -> k-sparse codes, and unit-usage statistics of codes."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from csr.io import CSRError, SparseCodes, index_dtype
+from csr.model import CSR
+
+
+@torch.no_grad()
+def encode_array(model: CSR, emb: np.ndarray, k: int | None = None, batch_size: int = 4096,
+                 device: str | torch.device = "cpu", values_dtype=np.float32, labels: np.ndarray | None = None,
+                 progress: bool = True, desc: str = "encode") -> SparseCodes:
+    """Encode `[N, d]` embeddings (memmap is fine) into top-k codes without ever holding `[N, hidden]`."""
+    k = model.cfg.topk if k is None else k
+    if not 1 <= k <= model.cfg.hidden_size:
+        raise CSRError(f"--topk must be in [1, hidden_size={model.cfg.hidden_size}], got {k}")
+    n = emb.shape[0]
+    idx_out = np.empty((n, k), dtype=index_dtype(model.cfg.hidden_size))
+    val_out = np.empty((n, k), dtype=values_dtype)
+    model = model.to(device).eval()
+    for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+        x = torch.from_numpy(np.asarray(emb[s:s + batch_size], dtype=np.float32)).to(device)
+        idx, vals = model.encode(x, k)
+        idx_out[s:s + len(x)] = idx.cpu().numpy()
+        val_out[s:s + len(x)] = vals.float().cpu().numpy()
+    return SparseCodes(idx_out, val_out, model.cfg.hidden_size, labels)
+
+
+def unit_usage(codes: SparseCodes) -> np.ndarray:
+    """How many codes each unit is active (non-zero) in: `[hidden]` int64."""
+    active = codes.values != 0
+    return np.bincount(codes.indices[active].astype(np.int64), minlength=codes.hidden_size)
+
+
+def dead_fraction(codes: SparseCodes) -> float:
+    """Fraction of units that never fire in any code (the paper's "dead latents" on a dataset)."""
+    return float((unit_usage(codes) == 0).mean())

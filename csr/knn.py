@@ -1,0 +1,128 @@
+"""Exact k-nearest-neighbour search by cosine similarity, with ties broken by the lowest database index.
+
+Backends: `faiss` (dense vectors: raw embeddings, truncations, PCA, or densified codes that fit in RAM),
+`sparse` (codes: the fast engine of csr/sparse_knn.py) and `scipy` (codes: a plain sparse-matmul reference).
+Every backend returns the same `(indices int64 [Nq, K], scores float32 [Nq, K])` for the same inputs.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from csr.io import CSRError, SparseCodes
+
+BACKENDS = ("faiss", "sparse", "scipy")
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+def select_topk(scores: np.ndarray, K: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Top-K of each row of a dense score block, sorted by (-score, column); columns shifted by `offset`."""
+    b, n = scores.shape
+    if K >= n:
+        cand = np.broadcast_to(np.arange(n), (b, n))
+    else:
+        part = np.argpartition(-scores, K - 1, axis=1)[:, :K]
+        kth = np.take_along_axis(scores, part, 1).min(axis=1)
+        counts = (scores >= kth[:, None]).sum(1)
+        if (counts == K).all():
+            cand = part
+        else:  # ties at the K-th score: keep every tied column, then cut by lowest index below
+            width = int(counts.max())
+            cand = np.full((b, width), n, dtype=np.int64)
+            for r in range(b):
+                c = np.flatnonzero(scores[r] >= kth[r])
+                cand[r, :len(c)] = c
+    cand = np.sort(cand, axis=1)
+    padded = np.concatenate([scores, np.full((b, 1), -np.inf, dtype=scores.dtype)], axis=1)
+    vals = np.take_along_axis(padded, cand, 1)
+    order = np.argsort(-vals, axis=1, kind="stable")[:, :K]
+    idx = np.take_along_axis(cand, order, 1)
+    return idx.astype(np.int64) + offset, np.take_along_axis(vals, order, 1).astype(np.float32)
+
+
+def _check_k(K: int, n_db: int) -> None:
+    if not 1 <= K <= n_db:
+        raise CSRError(f"-k/--K must be in [1, database size {n_db}], got {K}")
+
+
+def dense_search(queries: np.ndarray, database: np.ndarray, K: int, batch_size: int = 1024,
+                 progress: bool = True, margin: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top-K with FAISS `IndexFlatIP`; ties at the cut are resolved by lowest index.
+
+    FAISS is asked for K + `margin` neighbours; rows whose tie group reaches past that are redone exactly.
+    """
+    import faiss
+    if queries.shape[1] != database.shape[1]:
+        raise CSRError(f"queries have d={queries.shape[1]} but the database has d={database.shape[1]}")
+    _check_k(K, database.shape[0])
+    db = l2_normalize(database)
+    index = faiss.IndexFlatIP(db.shape[1])
+    index.add(db)
+    Kq = min(K + margin, db.shape[0])
+    out_i = np.empty((len(queries), K), dtype=np.int64)
+    out_s = np.empty((len(queries), K), dtype=np.float32)
+    for s in tqdm(range(0, len(queries), batch_size), desc="faiss kNN", disable=not progress, leave=False):
+        q = l2_normalize(queries[s:s + batch_size])
+        sc, ix = index.search(q, Kq)
+        o = np.argsort(ix, axis=1, kind="stable")
+        ix, sc = np.take_along_axis(ix, o, 1), np.take_along_axis(sc, o, 1)
+        o = np.argsort(-sc, axis=1, kind="stable")
+        ix, sc = np.take_along_axis(ix, o, 1), np.take_along_axis(sc, o, 1)
+        if Kq < db.shape[0]:
+            redo = np.flatnonzero(sc[:, K - 1] == sc[:, -1])
+            if len(redo):
+                exact = select_topk(q[redo] @ db.T, K)
+                ix[redo, :K], sc[redo, :K] = exact
+        out_i[s:s + len(q)], out_s[s:s + len(q)] = ix[:, :K], sc[:, :K]
+    return out_i, out_s
+
+
+def scipy_sparse_search(queries: SparseCodes, database: SparseCodes, K: int, batch_size: int = 256,
+                        progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Reference exact search for codes: normalised sparse matmul per query block, dense top-K selection."""
+    check_code_pair(queries, database)
+    _check_k(K, database.n)
+    dbt = database.to_scipy(normalize=True).T.tocsr()
+    q = queries.to_scipy(normalize=True)
+    out_i = np.empty((queries.n, K), dtype=np.int64)
+    out_s = np.empty((queries.n, K), dtype=np.float32)
+    for s in tqdm(range(0, queries.n, batch_size), desc="scipy kNN", disable=not progress, leave=False):
+        block = (q[s:s + batch_size] @ dbt).toarray().astype(np.float32)
+        out_i[s:s + len(block)], out_s[s:s + len(block)] = select_topk(block, K)
+    return out_i, out_s
+
+
+def check_code_pair(queries: SparseCodes, database: SparseCodes) -> None:
+    if queries.hidden_size != database.hidden_size:
+        raise CSRError(f"query codes have hidden_size={queries.hidden_size} but database codes have "
+                       f"{database.hidden_size}")
+
+
+def search(queries, database, K: int, backend: str = "sparse", progress: bool = True, **kw):
+    """Dispatch to a backend; codes may be searched with `faiss` after densifying (when it fits in RAM)."""
+    if backend not in BACKENDS:
+        raise CSRError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+    codes = isinstance(queries, SparseCodes)
+    if codes != isinstance(database, SparseCodes):
+        raise CSRError("queries and database must both be codes or both be dense vectors")
+    if backend == "faiss":
+        if codes:
+            check_code_pair(queries, database)
+            need = 4 * database.n * database.hidden_size
+            if need > kw.pop("dense_limit_bytes", 8e9):
+                raise CSRError(f"densified database would need {need / 1e9:.1f} GB; use --backend sparse")
+            queries, database = queries.to_dense(True), database.to_dense(True)
+        return dense_search(queries, database, K, progress=progress, **kw)
+    if not codes:
+        raise CSRError(f"--backend {backend} searches sparse codes (.npz); use --backend faiss for dense vectors")
+    if backend == "scipy":
+        return scipy_sparse_search(queries, database, K, progress=progress, **kw)
+    try:
+        from csr.sparse_knn import sparse_topk
+    except ImportError:  # the fast engine is optional at import time; the reference is always exact
+        return scipy_sparse_search(queries, database, K, progress=progress, **kw)
+    return sparse_topk(queries, database, K, progress=progress, **kw)

@@ -1,0 +1,575 @@
+"""Exact top-K cosine search between k-sparse codes, without densifying (the `sparse` kNN backend).
+
+Both sides are L2-normalised per row (duplicate units in a row are summed first, zero values are padding).
+The result equals FAISS `IndexFlatIP` on the densified normalised codes: scores to float rounding, ties broken
+by the lowest database index, scores sorted descending. Items that share no unit with a query score 0 and are
+ranked like any other item (lowest index first among equal scores), so K may be anything up to the database size.
+
+How (CPU, numba): the database is stored as an inverted index (for each unit, the ids and values of the items
+using it, in item order). Units used by at least `hot_fraction` of the database ("hot" units: with trained CSR
+codes a few units fire in almost every code) are stored instead as a small dense block `[n_hot, N]`.
+
+- A query without hot units goes term-at-a-time through the posting lists into a per-thread dense accumulator
+  over the database (pass 1 scatters), then a second pass over the same postings reads each touched score once,
+  resets it, and keeps the best K in a heap; only when fewer than K items score > 0 is the accumulator rebuilt
+  to take the zero-score items in index order.
+- A query with hot units touches most of the database anyway: the database is walked in tiles of `tile` items;
+  per tile the query's hot rows are summed into a small accumulator (four rows per pass, vectorised), its cold
+  postings for that tile are scattered in, and a threshold-filtered scan in item order updates its top-K heap.
+  Tiles are the outer loop over a thread's queries, so the dense block is read once per query chunk.
+
+Memory: postings (8 bytes per non-zero) + the dense block (at most 4/hot_fraction bytes per hot non-zero)
++ one accumulator over the database per thread. `sparse_topk_torch` is the torch sparse CSR path (CUDA or CPU).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from numba import njit, prange
+from tqdm import tqdm
+
+from csr.io import CSRError, SparseCodes, validate_codes
+
+HOT_FRACTION = 0.05  # a unit used by >= 5 % of the database goes into the dense block
+MAX_HOT = 256  # at most this many dense rows
+TILE = 4096  # items per tile in the hot path (a tile of hot rows stays in L2, the accumulator in L1)
+_GROUP = 4  # hot rows summed per pass over a tile
+
+
+# ----------------------------------------------------------------------------- row canonicalisation
+
+@njit(cache=True, nogil=True)
+def _canonical_row(idx, val, stamp, pos, tag, out_idx, out_val) -> int:
+    """Merge duplicate units (summed), drop zeros, L2-normalise; returns the row's non-zero count."""
+    m = 0
+    for j in range(idx.shape[0]):
+        v = np.float32(val[j])
+        if v == 0:
+            continue
+        u = idx[j]
+        if stamp[u] == tag:
+            out_val[pos[u]] += v
+        else:
+            stamp[u] = tag
+            pos[u] = m
+            out_idx[m] = u
+            out_val[m] = v
+            m += 1
+    n = 0
+    ss = np.float32(0.0)
+    for j in range(m):
+        v = out_val[j]
+        if v != 0:
+            out_idx[n] = out_idx[j]
+            out_val[n] = v
+            ss += v * v
+            n += 1
+    norm = max(np.float32(math.sqrt(ss)), np.float32(1e-12))
+    for j in range(n):
+        out_val[j] = out_val[j] / norm
+    return n
+
+
+@njit(parallel=True, cache=True)
+def _canonical(indices, values, hidden, nchunks):
+    n, k = indices.shape
+    out_idx = np.zeros((n, k), dtype=np.int32)
+    out_val = np.zeros((n, k), dtype=np.float32)
+    out_len = np.zeros(n, dtype=np.int64)
+    chunk = (n + nchunks - 1) // nchunks
+    for c in prange(nchunks):
+        stamp = np.full(hidden, -1, dtype=np.int64)
+        pos = np.zeros(hidden, dtype=np.int64)
+        for i in range(c * chunk, min(n, (c + 1) * chunk)):
+            out_len[i] = _canonical_row(indices[i], values[i], stamp, pos, i, out_idx[i], out_val[i])
+    return out_idx, out_val, out_len
+
+
+def normalized_rows(codes: SparseCodes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Canonical rows: `idx [N,k] int32`, `val [N,k] float32` (first `len[i]` entries valid, L2-normalised,
+    duplicates summed, zeros dropped) and `len [N] int64`."""
+    values = codes.values if codes.values.dtype == np.float32 else codes.values.astype(np.float32)
+    return _canonical(codes.indices, values, codes.hidden_size, max(1, numba.get_num_threads() * 4))
+
+
+# ----------------------------------------------------------------------------- index build
+
+@njit(cache=True)
+def _unit_counts(idx, ln, hidden):
+    df = np.zeros(hidden, dtype=np.int64)
+    for i in range(idx.shape[0]):
+        for j in range(ln[i]):
+            df[idx[i, j]] += 1
+    return df
+
+
+@njit(cache=True)
+def _fill_index(idx, val, ln, hot_pos, ptr, doc, pval, hot):
+    fill = ptr[:-1].copy()
+    for i in range(idx.shape[0]):
+        for j in range(ln[i]):
+            u = idx[i, j]
+            h = hot_pos[u]
+            if h >= 0:
+                hot[h, i] = val[i, j]
+            else:
+                p = fill[u]
+                doc[p] = i
+                pval[p] = val[i, j]
+                fill[u] = p + 1
+
+
+@dataclass
+class SparseIndex:
+    """Inverted index of normalised database codes plus the dense block of hot units (see module docstring)."""
+    n: int
+    hidden_size: int
+    ptr: np.ndarray  # [hidden+1] int64: postings of unit u are doc/val[ptr[u]:ptr[u+1]] (empty for hot units)
+    doc: np.ndarray  # [nnz_cold] int32 item ids, increasing within a unit
+    val: np.ndarray  # [nnz_cold] float32
+    hot_units: np.ndarray  # [n_hot] int64
+    hot_pos: np.ndarray  # [hidden] int64: row of unit u in `hot`, or -1
+    hot: np.ndarray  # [n_hot, n] float32 dense block (zeros where a hot unit is inactive)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.ptr, self.doc, self.val, self.hot_units, self.hot_pos, self.hot))
+
+    def search(self, queries: SparseCodes, K: int, *, batch_size: int = 512, threads: int | None = None,
+               progress: bool = True, tile: int = TILE) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-K of `queries` against this index: `(indices int64 [Nq,K], scores float32 [Nq,K])`."""
+        check_pair(queries, self.hidden_size, self.n, K)
+        if batch_size < 1:
+            raise CSRError(f"batch_size must be >= 1, got {batch_size}")
+        with _num_threads(threads) as nt:
+            out_i = np.empty((queries.n, K), dtype=np.int64)
+            out_s = np.empty((queries.n, K), dtype=np.float32)
+            accs = np.zeros((nt, self.n), dtype=np.float32)
+            starts = range(0, queries.n, batch_size)
+            for b0 in tqdm(starts, desc="sparse kNN", unit="batch", disable=not progress, mininterval=1.0):
+                sl = slice(b0, min(queries.n, b0 + batch_size))
+                qi, qv, ql = normalized_rows(_rows(queries, sl.start, sl.stop))
+                is_hot = _uses_hot(qi, ql, self.hot_pos)
+                cold_q = np.flatnonzero(~is_hot)
+                hot_q = np.flatnonzero(is_hot)
+                bi, bs = out_i[sl], out_s[sl]
+                if cold_q.size:
+                    _search_postings(cold_q, qi, qv, ql, self.ptr, self.doc, self.val, K, accs, bi, bs)
+                if hot_q.size:
+                    _search_tiles(hot_q, qi, qv, ql, self.hot_pos, self.hot, self.ptr, self.doc, self.val, K,
+                                  tile, min(nt, hot_q.size), bi, bs)
+        return out_i, out_s
+
+
+def build_index(database: SparseCodes, *, hot_fraction: float = HOT_FRACTION, max_hot: int = MAX_HOT,
+                threads: int | None = None) -> SparseIndex:
+    """Normalise the database codes and build the inverted index + dense hot block."""
+    if not isinstance(database, SparseCodes):
+        raise CSRError(f"database must be SparseCodes, got {type(database).__name__}")
+    validate_codes(database.indices, database.values, database.hidden_size, "database codes")
+    if database.n == 0:
+        raise CSRError("database codes: empty (0 rows)")
+    with _num_threads(threads):
+        idx, val, ln = normalized_rows(database)
+        df = _unit_counts(idx, ln, database.hidden_size)
+        order = np.argsort(-df, kind="stable")[:max_hot]
+        hot_units = order[df[order] >= max(1.0, hot_fraction * database.n)].astype(np.int64)
+        hot_pos = np.full(database.hidden_size, -1, dtype=np.int64)
+        hot_pos[hot_units] = np.arange(hot_units.size)
+        cold_df = df.copy()
+        cold_df[hot_units] = 0
+        ptr = np.zeros(database.hidden_size + 1, dtype=np.int64)
+        np.cumsum(cold_df, out=ptr[1:])
+        doc = np.empty(int(ptr[-1]), dtype=np.int32)
+        pval = np.empty(int(ptr[-1]), dtype=np.float32)
+        hot = np.zeros((hot_units.size, database.n), dtype=np.float32)
+        _fill_index(idx, val, ln, hot_pos, ptr, doc, pval, hot)
+    return SparseIndex(database.n, database.hidden_size, ptr, doc, pval, hot_units, hot_pos, hot)
+
+
+# ----------------------------------------------------------------------------- top-K heap
+# A min-heap of the K best (score, item) so far; the root is the worst: lowest score, then highest item id.
+
+@njit(cache=True, nogil=True, inline="always")
+def _worse(s1, i1, s2, i2) -> bool:
+    return s1 < s2 or (s1 == s2 and i1 > i2)
+
+
+@njit(cache=True, nogil=True)
+def _heap_push(hs, hi, n, s, d) -> int:
+    j = n
+    while j > 0:
+        p = (j - 1) >> 1
+        if _worse(s, d, hs[p], hi[p]):
+            hs[j] = hs[p]
+            hi[j] = hi[p]
+            j = p
+        else:
+            break
+    hs[j] = s
+    hi[j] = d
+    return n + 1
+
+
+@njit(cache=True, nogil=True)
+def _heap_replace_top(hs, hi, n, s, d) -> None:
+    j = 0
+    while True:
+        c = 2 * j + 1
+        if c >= n:
+            break
+        if c + 1 < n and _worse(hs[c + 1], hi[c + 1], hs[c], hi[c]):
+            c += 1
+        if _worse(hs[c], hi[c], s, d):
+            hs[j] = hs[c]
+            hi[j] = hi[c]
+            j = c
+        else:
+            break
+    hs[j] = s
+    hi[j] = d
+
+
+@njit(cache=True, nogil=True)
+def _offer(hs, hi, n, K, s, d) -> int:
+    """Insert (s, d) if it beats the worst of the heap (any order of arrival)."""
+    if n < K:
+        return _heap_push(hs, hi, n, s, d)
+    if _worse(hs[0], hi[0], s, d):
+        _heap_replace_top(hs, hi, n, s, d)
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _heap_drain(hs, hi, n, out_s, out_i) -> None:
+    """Write the heap's items best first into out[0:n] (destroys the heap)."""
+    for m in range(n, 0, -1):
+        out_s[m - 1] = hs[0]
+        out_i[m - 1] = hi[0]
+        if m > 1:
+            _heap_replace_top(hs, hi, m - 1, hs[m - 1], hi[m - 1])
+
+
+# ----------------------------------------------------------------------------- queries without hot units
+
+@njit(cache=True, nogil=True)
+def _scatter(qi, qv, m, ptr, doc, val, acc) -> None:
+    for t in range(m):
+        u = qi[t]
+        w = qv[t]
+        ds = doc[ptr[u]:ptr[u + 1]]
+        vs = val[ptr[u]:ptr[u + 1]]
+        for j in range(ds.shape[0]):
+            acc[ds[j]] += w * vs[j]
+
+
+@njit(cache=True, nogil=True)
+def _collect_positive(qi, m, ptr, doc, acc, K, hs, hi) -> int:
+    """Second pass: each touched item once (its score is read and reset); keep the best K scores > 0."""
+    n = 0
+    for t in range(m):
+        u = qi[t]
+        ds = doc[ptr[u]:ptr[u + 1]]
+        for j in range(ds.shape[0]):
+            d = ds[j]
+            s = acc[d]
+            if s != 0:
+                acc[d] = 0
+                if s > 0:
+                    if n < K:
+                        n = _heap_push(hs, hi, n, s, d)
+                    elif s > hs[0] or (s == hs[0] and d < hi[0]):
+                        _heap_replace_top(hs, hi, n, s, d)
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _reset(qi, m, ptr, doc, acc) -> None:
+    for t in range(m):
+        u = qi[t]
+        ds = doc[ptr[u]:ptr[u + 1]]
+        for j in range(ds.shape[0]):
+            acc[ds[j]] = 0
+
+
+@njit(cache=True, nogil=True)
+def _fill_nonpositive(acc, need, hs, hi) -> int:
+    """The best `need` items with score <= 0 (untouched items score 0), scanning items in index order."""
+    n = 0
+    for d in range(acc.shape[0]):
+        s = acc[d]
+        if s > 0:
+            continue
+        if n < need:
+            n = _heap_push(hs, hi, n, s, d)
+        elif s > hs[0]:
+            _heap_replace_top(hs, hi, n, s, d)
+        if n == need and hs[0] == 0:
+            break  # the heap holds `need` zeros; later items have larger ids and scores <= 0
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _one_postings(qi, qv, m, ptr, doc, val, acc, K, hs, hi, hs2, hi2, out_i, out_s) -> None:
+    _scatter(qi, qv, m, ptr, doc, val, acc)
+    n = _collect_positive(qi, m, ptr, doc, acc, K, hs, hi)
+    _heap_drain(hs, hi, n, out_s, out_i)
+    if n < K:  # rare: fewer than K items score > 0; rebuild the scores to rank the rest
+        _scatter(qi, qv, m, ptr, doc, val, acc)
+        n2 = _fill_nonpositive(acc, K - n, hs2, hi2)
+        _heap_drain(hs2, hi2, n2, out_s[n:], out_i[n:])
+        _reset(qi, m, ptr, doc, acc)
+
+
+@njit(parallel=True, cache=True)
+def _search_postings(sel, qi, qv, ql, ptr, doc, val, K, accs, out_i, out_s) -> None:
+    nt = accs.shape[0]
+    for c in prange(nt):
+        hs = np.empty(K, dtype=np.float32)
+        hi = np.empty(K, dtype=np.int64)
+        hs2 = np.empty(K, dtype=np.float32)
+        hi2 = np.empty(K, dtype=np.int64)
+        for r in range(c, sel.shape[0], nt):
+            q = sel[r]
+            _one_postings(qi[q], qv[q], ql[q], ptr, doc, val, accs[c], K, hs, hi, hs2, hi2, out_i[q], out_s[q])
+
+
+# ----------------------------------------------------------------------------- queries with hot units
+
+@njit(cache=True)
+def _uses_hot(qi, ql, hot_pos):
+    out = np.zeros(qi.shape[0], dtype=np.bool_)
+    for q in range(qi.shape[0]):
+        for t in range(ql[q]):
+            if hot_pos[qi[q, t]] >= 0:
+                out[q] = True
+                break
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _hot_group(a, r0, r1, r2, r3, w0, w1, w2, w3, init) -> None:
+    """a (+)= w0*r0 + w1*r1 + w2*r2 + w3*r3 over the tile (vectorised; rows may repeat with weight 0)."""
+    if init:
+        for i in range(a.shape[0]):
+            a[i] = (w0 * r0[i] + w1 * r1[i]) + (w2 * r2[i] + w3 * r3[i])
+    else:
+        for i in range(a.shape[0]):
+            a[i] += (w0 * r0[i] + w1 * r1[i]) + (w2 * r2[i] + w3 * r3[i])
+
+
+@njit(cache=True, nogil=True)
+def _hot_tile(hot, hh, hw, nh, t0, tl, a) -> None:
+    """Sum the query's hot rows (groups of four, zero-weight padding) into the tile accumulator `a`."""
+    zero = np.float32(0.0)
+    for g in range(0, nh, _GROUP):
+        r0 = hh[g]
+        r1 = hh[g + 1] if g + 1 < nh else r0
+        r2 = hh[g + 2] if g + 2 < nh else r0
+        r3 = hh[g + 3] if g + 3 < nh else r0
+        w1 = hw[g + 1] if g + 1 < nh else zero
+        w2 = hw[g + 2] if g + 2 < nh else zero
+        w3 = hw[g + 3] if g + 3 < nh else zero
+        _hot_group(a, hot[r0, t0:t0 + tl], hot[r1, t0:t0 + tl], hot[r2, t0:t0 + tl], hot[r3, t0:t0 + tl],
+                   hw[g], w1, w2, w3, g == 0)
+
+
+@njit(cache=True, nogil=True)
+def _cold_tile(doc, val, p, end, w, t0, tl, a) -> int:
+    """Scatter one cold unit's postings that fall in the tile [t0, t0+tl); returns the new cursor."""
+    t1 = t0 + tl
+    while p < end:
+        d = doc[p]
+        if d >= t1:
+            break
+        a[d - t0] += w * val[p]
+        p += 1
+    return p
+
+
+@njit(cache=True, nogil=True)
+def _count_above(a, thr) -> int:
+    c = 0
+    for i in range(a.shape[0]):
+        c += a[i] > thr
+    return c
+
+
+@njit(cache=True, nogil=True)
+def _scan_tile(a, t0, K, hs, hi, n) -> int:
+    """Offer the tile's items in index order: a later item must beat the worst strictly."""
+    tl = a.shape[0]
+    i = 0
+    while n < K and i < tl:
+        n = _offer(hs, hi, n, K, a[i], t0 + i)
+        i += 1
+    B = 256
+    while i < tl:
+        e = min(tl, i + B)
+        if _count_above(a[i:e], hs[0]) > 0:
+            for j in range(i, e):
+                if a[j] > hs[0]:
+                    _heap_replace_top(hs, hi, n, a[j], t0 + j)
+        i = e
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _tiles_chunk(qs, qi, qv, ql, hot_pos, hot, ptr, doc, val, K, T, out_i, out_s) -> None:
+    nq = qs.shape[0]
+    k = qi.shape[1]
+    n_db = hot.shape[1]
+    hh = np.empty((nq, k), dtype=np.int64)
+    hw = np.empty((nq, k), dtype=np.float32)
+    nh = np.zeros(nq, dtype=np.int64)
+    cur = np.empty((nq, k), dtype=np.int64)
+    end = np.empty((nq, k), dtype=np.int64)
+    cw = np.empty((nq, k), dtype=np.float32)
+    nc = np.zeros(nq, dtype=np.int64)
+    for j in range(nq):
+        q = qs[j]
+        for t in range(ql[q]):
+            u = qi[q, t]
+            h = hot_pos[u]
+            if h >= 0:
+                hh[j, nh[j]] = h
+                hw[j, nh[j]] = qv[q, t]
+                nh[j] += 1
+            else:
+                cur[j, nc[j]] = ptr[u]
+                end[j, nc[j]] = ptr[u + 1]
+                cw[j, nc[j]] = qv[q, t]
+                nc[j] += 1
+    hs = np.empty((nq, K), dtype=np.float32)
+    hi = np.empty((nq, K), dtype=np.int64)
+    hn = np.zeros(nq, dtype=np.int64)
+    acc = np.empty(T, dtype=np.float32)
+    for t0 in range(0, n_db, T):
+        tl = min(T, n_db - t0)
+        a = acc[:tl]
+        for j in range(nq):
+            _hot_tile(hot, hh[j], hw[j], nh[j], t0, tl, a)
+            for c in range(nc[j]):
+                cur[j, c] = _cold_tile(doc, val, cur[j, c], end[j, c], cw[j, c], t0, tl, a)
+            hn[j] = _scan_tile(a, t0, K, hs[j], hi[j], hn[j])
+    for j in range(nq):
+        _heap_drain(hs[j], hi[j], hn[j], out_s[qs[j]], out_i[qs[j]])
+
+
+@njit(parallel=True, cache=True)
+def _search_tiles(sel, qi, qv, ql, hot_pos, hot, ptr, doc, val, K, T, nchunks, out_i, out_s) -> None:
+    for c in prange(nchunks):
+        _tiles_chunk(sel[c::nchunks].copy(), qi, qv, ql, hot_pos, hot, ptr, doc, val, K, T, out_i, out_s)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def check_pair(queries: SparseCodes, hidden_size: int, n_db: int, K: int) -> None:
+    """Validate queries against a database of `n_db` codes over `hidden_size` units, and K."""
+    if not isinstance(queries, SparseCodes):
+        raise CSRError(f"queries must be SparseCodes, got {type(queries).__name__}")
+    if queries.hidden_size != hidden_size:
+        raise CSRError(f"queries have hidden size {queries.hidden_size} but the database has {hidden_size}")
+    validate_codes(queries.indices, queries.values, queries.hidden_size, "query codes")
+    if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or not 1 <= K <= n_db:
+        raise CSRError(f"K must be an integer in [1, {n_db}] (the database size), got {K!r}")
+
+
+class _num_threads:
+    """Context manager: run numba kernels on `threads` threads (default: all), restoring the previous count."""
+
+    def __init__(self, threads: int | None):
+        limit = numba.config.NUMBA_NUM_THREADS
+        if threads is not None and threads < 1:
+            raise CSRError(f"threads must be >= 1, got {threads}")
+        self.n = limit if threads is None else min(int(threads), limit)
+
+    def __enter__(self) -> int:
+        self.prev = numba.get_num_threads()
+        numba.set_num_threads(self.n)
+        return self.n
+
+    def __exit__(self, *exc) -> None:
+        numba.set_num_threads(self.prev)
+
+
+def sparse_topk(queries: SparseCodes, database: SparseCodes, K: int, *, batch_size: int = 512,
+                threads: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-K cosine neighbours of each query in the database: `(indices int64, scores float32)`,
+    both `[Nq, K]`, best first, ties by lowest database index (= FAISS IndexFlatIP on normalised dense codes)."""
+    if not isinstance(database, SparseCodes):
+        raise CSRError(f"database must be SparseCodes, got {type(database).__name__}")
+    check_pair(queries, database.hidden_size, database.n, K)
+    index = build_index(database, threads=threads)
+    return index.search(queries, K, batch_size=batch_size, threads=threads, progress=progress)
+
+
+# ----------------------------------------------------------------------------- torch sparse path (GPU)
+
+def _csr_arrays(codes: SparseCodes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normalised codes as CSR (crow int64, col int64, val float32) with columns sorted within rows."""
+    idx, val, ln = normalized_rows(codes)
+    mask = np.arange(idx.shape[1])[None, :] < ln[:, None]
+    rows = np.repeat(np.arange(codes.n), ln)
+    col = idx[mask].astype(np.int64)
+    v = val[mask]
+    order = np.lexsort((col, rows))
+    crow = np.zeros(codes.n + 1, dtype=np.int64)
+    np.cumsum(ln, out=crow[1:])
+    return crow, col[order], v[order]
+
+
+def topk_lowest_index(scores, K: int):
+    """Torch top-K along dim 1 with ties broken by lowest column index; returns (indices, scores) best first."""
+    import torch
+    kth = torch.topk(scores, K, dim=1, sorted=True).values[:, K - 1:K]
+    above = scores > kth
+    need = K - above.sum(dim=1, keepdim=True)
+    tie = scores == kth
+    take = above | (tie & (torch.cumsum(tie, dim=1, dtype=torch.int32) <= need))
+    cols = take.nonzero()[:, 1].view(scores.shape[0], K)  # row-major: columns ascending within a row
+    vals = scores.gather(1, cols)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return cols.gather(1, order), vals.gather(1, order)
+
+
+def sparse_topk_torch(queries: SparseCodes, database: SparseCodes, K: int, *, batch_size: int = 512,
+                      device: str | None = None, threads: int | None = None,
+                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Same contract as `sparse_topk`, computed with torch: database as a sparse CSR tensor, each query batch
+    dense, scores `D @ Q^T` (cuSPARSE SpMM on CUDA), exact top-K with lowest-index ties. Default device: CUDA
+    if available, else CPU (CPU holds a dense [batch, N] score block: keep batch_size small there)."""
+    import torch
+    if not isinstance(database, SparseCodes):
+        raise CSRError(f"database must be SparseCodes, got {type(database).__name__}")
+    check_pair(queries, database.hidden_size, database.n, K)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    crow, col, val = _csr_arrays(database)
+    D = torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(col), torch.from_numpy(val),
+                                size=(database.n, database.hidden_size)).to(dev)
+    out_i = np.empty((queries.n, K), dtype=np.int64)
+    out_s = np.empty((queries.n, K), dtype=np.float32)
+    for b0 in tqdm(range(0, queries.n, batch_size), desc="sparse kNN (torch)", unit="batch",
+                   disable=not progress, mininterval=1.0):
+        b1 = min(queries.n, b0 + batch_size)
+        qcrow, qcol, qval = _csr_arrays(_rows(queries, b0, b1))
+        Q = torch.sparse_csr_tensor(torch.from_numpy(qcrow), torch.from_numpy(qcol), torch.from_numpy(qval),
+                                    size=(b1 - b0, queries.hidden_size)).to_dense().to(dev)
+        scores = (D @ Q.T).T
+        ind, sc = topk_lowest_index(scores, K)
+        out_i[b0:b1] = ind.cpu().numpy()
+        out_s[b0:b1] = sc.cpu().numpy()
+    return out_i, out_s
+
+
+def _rows(codes: SparseCodes, start: int, stop: int) -> SparseCodes:
+    """Row slice of validated codes, without re-validating."""
+    part = SparseCodes.__new__(SparseCodes)
+    part.indices, part.values = codes.indices[start:stop], codes.values[start:stop]
+    part.hidden_size, part.labels = codes.hidden_size, None
+    return part

@@ -1,0 +1,303 @@
+"""The CSR training loop: Adam, explicit LR schedule, AMP on CUDA, DDP under torchrun, checkpoint per epoch,
+resume, tqdm, and a per-epoch JSONL log (each loss term, dead-latent fraction, samples/s)."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from csr import losses as L
+from csr.checkpoint import read_checkpoint, save_checkpoint
+from csr.distributed import Runtime, all_reduce_
+from csr.io import CSRError, atomic_write_text, write_sidecar
+from csr.model import CSR
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation recipe. Defaults are the paper's (main_visual.py) unless noted."""
+    lr: float = 4e-4
+    batch_size: int = 4096  # global batch (split across DDP ranks)
+    epochs: int = 10
+    cl: str = "self"  # contrastive term: self | label | pair | none
+    cl_coef: float = 0.1  # gamma (0.1 vision, 1 multimodal)
+    temperature: float = 0.2
+    auxk_coef: float = 1 / 32  # beta
+    multi_k_coef: float = 1 / 8  # weight of the 4k reconstruction
+    multi_k: int = 0  # units of the second reconstruction; 0 = 4·k
+    recon_loss: str = "mse"  # mse (reference) | nmse (MSE / Var(x): our option)
+    wd: float = 0.0
+    adam_eps: float = 6.25e-10
+    schedule: str = "constant"  # constant (reference: StepLR gamma 1) | cosine
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # 0 = off
+    bpre_init: str = "zeros"  # zeros (reference) | mean | geometric_median
+    seed: int = 1227
+    amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
+    max_steps: int = 0  # stop after this many optimiser steps in total (0 = run all epochs)
+    keep_epochs: bool = False  # keep epochNNN.pt besides last.pt
+
+    def __post_init__(self) -> None:
+        if self.cl not in L.CL_MODES:
+            raise CSRError(f"--cl must be one of {L.CL_MODES}, got {self.cl!r}")
+        if self.recon_loss not in ("mse", "nmse"):
+            raise CSRError(f"--recon-loss must be mse or nmse, got {self.recon_loss!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise CSRError(f"--schedule must be constant or cosine, got {self.schedule!r}")
+        if self.bpre_init not in ("zeros", "mean", "geometric_median"):
+            raise CSRError(f"--bpre-init must be zeros, mean or geometric_median, got {self.bpre_init!r}")
+
+
+@dataclass
+class TrainData:
+    """Rows to train on: `x [N, d]` (array or memmap), optional int labels (for `label`) and paired rows `x_pair`
+    (for `pair`: row i of x and x_pair are positives)."""
+    x: np.ndarray
+    labels: np.ndarray | None = None
+    x_pair: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+# ----------------------------------------------------------------------------- losses of one step
+
+def step_losses(out: dict[str, torch.Tensor], x: torch.Tensor, cfg: TrainConfig, hidden: int,
+                labels: torch.Tensor | None = None, distributed: bool = False) -> dict[str, torch.Tensor]:
+    """All loss terms of one step from one forward pass; `total` is the weighted sum."""
+    if cfg.recon_loss == "mse":
+        recon = L.mse
+    else:
+        var = L.batch_variance(x, distributed)
+        recon = lambda p, t: L.mse(p, t) / var  # noqa: E731
+    k = int(out["k"])
+    terms = {"recon_k": recon(out["recon_k"], x), "recon_multi": recon(out["recon_multi"], x)}
+    if "aux_recon" in out:
+        residual = (x.float() - out["recon_k"].float()).detach()
+        terms["auxk"] = L.nmse(out["aux_recon"], residual, distributed)
+    else:
+        terms["auxk"] = torch.zeros((), device=x.device)
+    idx, vals = out["idx"][:, :k], out["vals"][:, :k]
+    if cfg.cl == "self":
+        terms["cl"] = L.self_contrastive(idx, vals, hidden, cfg.temperature)
+    elif cfg.cl == "label":
+        if labels is None:
+            raise CSRError("--cl label needs labels (a {split}_labels.npy beside the embeddings)")
+        terms["cl"] = L.label_contrastive(idx, vals, labels, hidden, cfg.temperature)
+    elif cfg.cl == "pair":
+        half = idx.shape[0] // 2
+        terms["cl"] = L.pair_contrastive(idx[:half], vals[:half], idx[half:], vals[half:], hidden, cfg.temperature)
+    else:
+        terms["cl"] = torch.zeros((), device=x.device)
+    terms["total"] = (terms["recon_k"] + cfg.multi_k_coef * terms["recon_multi"] + cfg.auxk_coef * terms["auxk"]
+                      + cfg.cl_coef * terms["cl"])
+    return terms
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+def geometric_median(x: np.ndarray, iters: int = 100, tol: float = 1e-6) -> np.ndarray:
+    """Weiszfeld's algorithm."""
+    x = x.astype(np.float64)
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / np.maximum(np.linalg.norm(x - m, axis=1), 1e-12)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if np.linalg.norm(new - m) <= tol * max(1.0, np.linalg.norm(m)):
+            return new
+        m = new
+    return m
+
+
+def init_pre_bias(model: CSR, x: np.ndarray, how: str, seed: int, sample: int = 10000) -> None:
+    if how == "zeros":
+        return
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(x), size=min(sample, len(x)), replace=False))
+    xs = np.asarray(x[rows], dtype=np.float32)
+    if model.cfg.normalize:
+        xs = model.preprocess(torch.from_numpy(xs))[0].numpy()
+    center = xs.mean(0) if how == "mean" else geometric_median(xs)
+    with torch.no_grad():
+        model.pre_bias.copy_(torch.from_numpy(np.asarray(center, dtype=np.float32)))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "cosine":
+            t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# ----------------------------------------------------------------------------- batches
+
+class Batches:
+    """Deterministic shuffled global batches (seed, epoch); each DDP rank takes its contiguous slice."""
+
+    def __init__(self, data: TrainData, cfg: TrainConfig, rt: Runtime, ram_limit_bytes: float = 4e9):
+        self.data, self.cfg, self.rt = data, cfg, rt
+        self.n = len(data)
+        if cfg.batch_size % rt.world_size:
+            raise CSRError(f"--batch-size {cfg.batch_size} must be divisible by the number of DDP ranks "
+                           f"({rt.world_size})")
+        # small arrays live in RAM as tensors; large ones are read from the memory map batch by batch
+        self.cache = {}
+        for name in ("x", "x_pair"):
+            arr = getattr(data, name)
+            if arr is not None and arr.nbytes <= ram_limit_bytes:
+                self.cache[name] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        self.steps_per_epoch = math.ceil(self.n / cfg.batch_size)
+
+    def _rows(self, name: str, rows: np.ndarray) -> torch.Tensor:
+        if name in self.cache:
+            return self.cache[name][torch.from_numpy(rows)]
+        order = np.argsort(rows)
+        block = np.asarray(getattr(self.data, name)[rows[order]], dtype=np.float32)
+        out = np.empty_like(block)
+        out[order] = block
+        return torch.from_numpy(out)
+
+    def epoch(self, epoch: int, skip: int = 0):
+        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n)
+        B, W, r = self.cfg.batch_size, self.rt.world_size, self.rt.rank
+        for step in range(skip, self.steps_per_epoch):
+            g = perm[step * B:(step + 1) * B]
+            per = len(g) // W
+            if per == 0:
+                continue
+            rows = g[r * per:(r + 1) * per]
+            x = self._rows("x", rows)
+            labels = torch.from_numpy(self.data.labels[rows]) if self.data.labels is not None else None
+            x_pair = self._rows("x_pair", rows) if self.data.x_pair is not None else None
+            yield x, labels, x_pair
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt: Runtime | None = None,
+          args: dict[str, Any] | None = None, resume: bool = False, progress: bool = True,
+          on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Train `model` on `data`; writes `out_dir/{last.pt, csr.pt, log.jsonl, csr.json}`; returns a summary.
+
+    `on_step(global_step, terms)` is called after every optimiser step (used by tests to simulate a crash).
+    """
+    rt = rt or Runtime()
+    out_dir = Path(out_dir)
+    if cfg.cl == "pair" and data.x_pair is None:
+        raise CSRError("--cl pair needs paired rows (query/document or image/text embeddings)")
+    if cfg.cl == "label" and data.labels is None:
+        raise CSRError("--cl label needs labels (a {split}_labels.npy beside the embeddings)")
+    torch.manual_seed(cfg.seed)
+    batches = Batches(data, cfg, rt)
+    total_steps = batches.steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    model.to(rt.device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.wd)
+    sched = make_scheduler(opt, cfg, total_steps)
+    start_epoch, step, log_lines = 0, 0, []
+    last = out_dir / "last.pt"
+    if resume and last.exists():
+        ckpt = read_checkpoint(last)
+        model.load_state_dict(ckpt["state_dict"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        log_path = out_dir / "log.jsonl"
+        if log_path.exists():
+            log_lines = [ln for ln in log_path.read_text().splitlines()
+                         if ln.strip() and json.loads(ln)["epoch"] <= ckpt["epoch"]]
+        if rt.is_main:
+            print(f"resuming from {last}: epoch {start_epoch}, step {step}")
+    else:
+        if resume and rt.is_main:
+            print(f"--resume: no {last} yet, starting from scratch")
+        init_pre_bias(model, data.x, cfg.bpre_init, cfg.seed)
+        model.stats_last_nonzero.zero_()
+
+    net: torch.nn.Module = model
+    if rt.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    use_amp = cfg.amp and rt.device.type == "cuda"
+    hidden, k = model.cfg.hidden_size, model.cfg.topk
+    multi_k = cfg.multi_k or 4 * k
+    summary: dict[str, Any] = {"epochs": cfg.epochs, "steps": step}
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.max_steps and step >= cfg.max_steps:
+            break
+        sums: dict[str, float] = {}
+        n_steps, n_samples, t0 = 0, 0, time.time()
+        bar = tqdm(batches.epoch(epoch), total=batches.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (progress and rt.is_main), leave=False)
+        for x, labels, x_pair in bar:
+            x = x.to(rt.device, non_blocking=True)
+            if x_pair is not None:
+                x = torch.cat([x, x_pair.to(rt.device, non_blocking=True)])
+            if labels is not None:
+                labels = labels.to(rt.device)
+            dead = model.dead_mask()
+            with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = net(x, k=k, multi_k=multi_k, dead=dead)
+                terms = step_losses(out, x, cfg, hidden, labels, rt.distributed)
+            opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            model.normalize_decoder_()
+            fired = torch.zeros(hidden, device=rt.device)
+            fired[out["idx"][:, :k].reshape(-1)] = 1
+            model.update_dead_stats(all_reduce_(fired) > 0)
+            step += 1
+            n_steps += 1
+            n_samples += x.shape[0] * rt.world_size // (2 if x_pair is not None else 1)
+            for name, v in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(v.detach())
+            if rt.is_main:
+                bar.set_postfix(loss=f"{float(terms['total'].detach()):.4g}", dead=f"{float(dead.float().mean()):.2f}")
+            if on_step is not None:
+                on_step(step, terms)
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+        bar.close()
+        dt = time.time() - t0
+        stats = {"epoch": epoch, "step": step, **{f"loss_{n}": s / max(1, n_steps) for n, s in sums.items()},
+                 "dead_fraction": float(model.dead_mask().float().mean()), "samples_per_s": n_samples / max(dt, 1e-9),
+                 "lr": sched.get_last_lr()[0], "epoch_time_s": dt}
+        log_lines.append(json.dumps(stats))
+        summary.update(stats)
+        if rt.is_main:
+            extra = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, step=step,
+                         train_config=asdict(cfg), args=args or {})
+            save_checkpoint(last, model, **extra)
+            if cfg.keep_epochs:
+                save_checkpoint(out_dir / f"epoch{epoch:03d}.pt", model, **extra)
+            atomic_write_text(out_dir / "log.jsonl", "\n".join(log_lines) + "\n")
+            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats.get('loss_total', float('nan')):.5g} "
+                  f"(recon_k {stats.get('loss_recon_k', float('nan')):.4g}, cl {stats.get('loss_cl', float('nan')):.4g}), "
+                  f"dead {stats['dead_fraction']:.1%}, {stats['samples_per_s']:.0f} samples/s")
+    summary["steps"] = step
+    if rt.is_main:
+        final = out_dir / "csr.pt"
+        save_checkpoint(final, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                        epoch=cfg.epochs - 1, step=step, train_config=asdict(cfg), args=args or {}, complete=True)
+        write_sidecar(final, model_config=model.cfg.to_dict(), train_config=asdict(cfg), steps=step,
+                      final_stats={k: v for k, v in summary.items() if k != "epochs"})
+        summary["checkpoint"] = str(final)
+    model.eval()
+    return summary

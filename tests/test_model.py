@@ -1,0 +1,198 @@
+"""The CSR model and losses against plain dense reference implementations."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from csr import losses as L
+from csr.model import CSR, CSRConfig, dense_code
+from csr.train import TrainConfig, TrainData, step_losses, train
+
+
+def make_model(d=24, h=96, k=4, auxk=16, tied=True, seed=0, normalize=False):
+    torch.manual_seed(seed)
+    m = CSR(CSRConfig(input_dim=d, hidden_size=h, topk=k, auxk=auxk, tied=tied, normalize=normalize))
+    with torch.no_grad():  # non-zero biases so that bias handling is exercised
+        m.pre_bias.normal_(0, 0.1)
+        m.latent_bias.normal_(0, 0.1)
+    return m
+
+
+def test_codes_have_at_most_k_nonzeros_and_k_is_prefix_of_4k():
+    m = make_model()
+    x = torch.randn(64, 24)
+    idx, vals = m.encode(x, 4)
+    assert idx.shape == (64, 4) and (vals >= 0).all()
+    z = dense_code(idx, vals, 96)
+    assert ((z != 0).sum(1) <= 4).all()
+    out = m(x, k=4, multi_k=16)
+    assert torch.equal(out["idx"][:, :4], idx)
+    assert torch.allclose(out["vals"][:, :4], vals, atol=1e-6)
+    idx16, _ = m.encode(x, 16)
+    assert torch.equal(out["idx"], idx16)
+
+
+def test_tied_decoder_is_encoder_transpose_and_sparse_decode_matches_dense():
+    m = make_model()
+    assert m.W_dec.data_ptr() == m.encoder.weight.data_ptr()
+    x = torch.randn(32, 24)
+    idx, vals = m.encode(x, 8)
+    z = dense_code(idx, vals, 96)
+    expected = z @ m.encoder.weight + m.pre_bias
+    assert torch.allclose(m.decode(idx, vals), expected, atol=1e-5)
+    assert torch.allclose(m.decode_dense(z), expected, atol=1e-5)
+    mu = make_model(tied=False)
+    assert mu.decoder_weight is not None
+    assert torch.allclose(mu.decoder_weight.norm(dim=1), torch.ones(96), atol=1e-5)
+    idx, vals = mu.encode(x, 8)
+    assert torch.allclose(mu.decode(idx, vals), dense_code(idx, vals, 96) @ mu.decoder_weight + mu.pre_bias, atol=1e-5)
+
+
+def naive_step(m: CSR, x, k, multi_k, dead, cfg: TrainConfig):
+    """The step written plainly: dense pre-activations with autograd, dense masks, dense decoder."""
+    xp, info = m.preprocess(x)
+    pre = (xp - m.pre_bias) @ m.encoder.weight.T + m.latent_bias
+    def topk_dense(p, kk):
+        v, i = torch.topk(p, kk, dim=-1)
+        return torch.zeros_like(p).scatter(1, i, F.relu(v)), i
+    z_k, i_k = topk_dense(pre, k)
+    z_m, _ = topk_dense(pre, multi_k)
+    dec = lambda z, bias=True: m._finish(z @ m.W_dec + (m.pre_bias if bias else 0), info)  # noqa: E731
+    rec_k, rec_m = dec(z_k), dec(z_m)
+    terms = {"recon_k": F.mse_loss(rec_k, x), "recon_multi": F.mse_loss(rec_m, x)}
+    a = min(m.cfg.auxk, int(dead.sum()))
+    if a:
+        z_a, _ = topk_dense(pre.masked_fill(~dead, float("-inf")), a)
+        aux = z_a @ m.W_dec
+        if info is not None:
+            aux = aux * (info[1] + 1e-5)
+        target = (x - rec_k).detach()
+        terms["auxk"] = F.mse_loss(aux, target) / ((target - target.mean(0)) ** 2).mean()
+    u = F.normalize(z_k, dim=1)
+    terms["cl"] = two_view_self_contrastive(u, cfg.temperature)
+    terms["total"] = terms["recon_k"] + terms["recon_multi"] / 8 + cfg.auxk_coef * terms.get("auxk", 0) + cfg.cl_coef * terms["cl"]
+    return terms
+
+
+def two_view_self_contrastive(u, tau):
+    """DESIGN.md's reference formula: two identical views stacked (2B rows)."""
+    B = u.shape[0]
+    v = torch.cat([u, u])
+    s = v @ v.T / tau
+    loss = 0
+    for i in range(2 * B):
+        ip = (i + B) % (2 * B)
+        others = [j for j in range(2 * B) if j % B != i % B]
+        P = torch.exp(s[i, ip])
+        N = torch.exp(s[i, others]).sum()
+        loss = loss - torch.log(P / (P + N))
+    return loss / (2 * B)
+
+
+@pytest.mark.parametrize("tied,normalize", [(True, False), (False, False), (True, True)])
+def test_one_pass_step_equals_naive_dense_step_values_and_gradients(tied, normalize):
+    cfg = TrainConfig()
+    m = make_model(tied=tied, normalize=normalize)
+    x = torch.randn(16, 24) * 2 + 0.5
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[::3] = True
+    out = m(x, k=4, multi_k=16, dead=dead)
+    fast = step_losses(out, x, cfg, 96)
+    fast["total"].backward()
+    g_fast = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    slow = naive_step(m, x, 4, 16, dead, cfg)
+    slow["total"].backward()
+    for name in ("recon_k", "recon_multi", "auxk", "cl", "total"):
+        assert torch.allclose(fast[name], slow[name], rtol=1e-4, atol=1e-6), name
+    for n, p in m.named_parameters():
+        assert torch.allclose(g_fast[n], p.grad, rtol=1e-3, atol=1e-6), n
+
+
+def test_auxk_draws_only_on_dead_latents():
+    m = make_model()
+    x = torch.randn(32, 24)
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[torch.randperm(96)[:20]] = True
+    out = m(x, k=4, dead=dead)
+    assert out["aux_idx"].shape == (32, 16)
+    assert dead[out["aux_idx"]].all()
+    assert "aux_recon" not in m(x, k=4, dead=torch.zeros(96, dtype=torch.bool))
+
+
+def test_dead_counter_advances_once_per_training_step_and_never_in_eval(tmp_path):
+    m = make_model(d=16, h=64, k=2)
+    with torch.no_grad():
+        m.latent_bias[7] = -1e4  # unit 7 can never fire
+    x = np.random.default_rng(0).normal(size=(100, 16)).astype(np.float32)
+    cfg = TrainConfig(batch_size=20, epochs=1, cl="none", bpre_init="zeros")
+    train(m, TrainData(x), cfg, tmp_path, progress=False)
+    assert int(m.stats_last_nonzero[7]) == 5  # 5 steps, one increment each (not 3 per step)
+    assert int(m.stats_last_nonzero.min()) == 0
+    before = m.stats_last_nonzero.clone()
+    m.encode(torch.from_numpy(x))
+    m(torch.from_numpy(x), dead=m.dead_mask())
+    assert torch.equal(before, m.stats_last_nonzero)
+
+
+def test_self_contrastive_one_pass_equals_two_view_formula():
+    torch.manual_seed(1)
+    B, h, k = 12, 40, 5
+    idx = torch.stack([torch.randperm(h)[:k] for _ in range(B)])
+    vals = torch.rand(B, k, requires_grad=True)
+    vals2 = vals.detach().clone().requires_grad_(True)
+    one = L.self_contrastive(idx, vals, h, 0.2)
+    two = two_view_self_contrastive(F.normalize(dense_code(idx, vals2, h), dim=1), 0.2)
+    assert torch.allclose(one, two, rtol=1e-5)
+    one.backward()
+    two.backward()
+    assert torch.allclose(vals.grad, vals2.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_label_contrastive_uses_same_label_positives():
+    torch.manual_seed(2)
+    B, h, k = 10, 30, 4
+    idx = torch.stack([torch.randperm(h)[:k] for _ in range(B)])
+    vals = torch.rand(B, k)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 0, 1])
+    got = L.label_contrastive(idx, vals, labels, h, 0.5)
+    u = F.normalize(dense_code(idx, vals, h), dim=1)
+    s = u @ u.T / 0.5
+    per = []
+    for i in range(B):
+        pos = [j for j in range(B) if j != i and labels[j] == labels[i]]
+        if not pos:
+            continue
+        denom = torch.logsumexp(torch.stack([s[i, j] for j in range(B) if j != i]), 0)
+        per.append(-sum(s[i, p] - denom for p in pos) / len(pos))
+    assert torch.allclose(got, torch.stack(per).mean(), rtol=1e-5)
+    # codes identical within a class make the loss smaller than the same codes with labels shuffled
+    cls_idx = torch.stack([torch.arange(k) * 7 + int(c) for c in labels])
+    aligned = L.label_contrastive(cls_idx, torch.ones(B, k), labels, h, 0.2)
+    shuffled = L.label_contrastive(cls_idx, torch.ones(B, k), labels[torch.tensor([2, 5, 0, 7, 1, 3, 9, 4, 6, 8])], h, 0.2)
+    assert aligned < shuffled
+
+
+def test_pair_contrastive_equals_dense_infonce():
+    torch.manual_seed(3)
+    B, h, k = 9, 30, 4
+    ia = torch.stack([torch.randperm(h)[:k] for _ in range(B)])
+    ib = torch.stack([torch.randperm(h)[:k] for _ in range(B)])
+    va, vb = torch.rand(B, k), torch.rand(B, k)
+    got = L.pair_contrastive(ia, va, ib, vb, h, 0.2)
+    ua, ub = F.normalize(dense_code(ia, va, h), dim=1), F.normalize(dense_code(ib, vb, h), dim=1)
+    s = ua @ ub.T / 0.2
+    t = torch.arange(B)
+    assert torch.allclose(got, (F.cross_entropy(s, t) + F.cross_entropy(s.T, t)) / 2, rtol=1e-5)
+
+
+def test_nmse_recon_loss_is_mse_over_batch_variance():
+    m = make_model()
+    x = torch.randn(32, 24) * 3
+    out = m(x, k=4)
+    a = step_losses(out, x, TrainConfig(cl="none"), 96)
+    b = step_losses(out, x, TrainConfig(cl="none", recon_loss="nmse"), 96)
+    var = x.var(0, unbiased=False).mean()
+    assert math.isclose(float(b["recon_k"].detach()), float(a["recon_k"].detach() / var), rel_tol=1e-5)
