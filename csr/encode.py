@@ -22,7 +22,7 @@ def encode_array(model: CSR, emb: np.ndarray, k: int | None = None, batch_size: 
     val_out = np.empty((n, k), dtype=values_dtype)
     model = model.to(device).eval()
     for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
-        x = torch.from_numpy(np.asarray(emb[s:s + batch_size], dtype=np.float32)).to(device)
+        x = torch.from_numpy(np.array(emb[s:s + batch_size], dtype=np.float32)).to(device)
         idx, vals = model.encode(x, k)
         idx_out[s:s + len(x)] = idx.cpu().numpy()
         val_out[s:s + len(x)] = vals.float().cpu().numpy()

@@ -65,7 +65,7 @@ def gather_codes(idx: torch.Tensor, u: torch.Tensor, labels: torch.Tensor | None
     """All-gather codes (differentiably) and labels across DDP ranks; returns this rank's row offset."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return idx, u, labels, 0
-    import torch.distributed.nn.functional as dnn
+    import torch.distributed.nn.functional as dnn  # differentiable all_gather (backward sums over ranks)
     world, rank = dist.get_world_size(), dist.get_rank()
     all_u = torch.cat(dnn.all_gather(u), 0)
     all_idx = [torch.empty_like(idx) for _ in range(world)]

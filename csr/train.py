@@ -156,7 +156,7 @@ class Batches:
         for name in ("x", "x_pair"):
             arr = getattr(data, name)
             if arr is not None and arr.nbytes <= ram_limit_bytes:
-                self.cache[name] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+                self.cache[name] = torch.from_numpy(np.array(arr, dtype=np.float32))  # a writable copy
         self.steps_per_epoch = math.ceil(self.n / cfg.batch_size)
 
     def _rows(self, name: str, rows: np.ndarray) -> torch.Tensor:
@@ -276,6 +276,10 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
                 break
         bar.close()
         dt = time.time() - t0
+        if rt.distributed:  # log the global-batch losses, not rank 0's share
+            names = sorted(sums)
+            t = all_reduce_(torch.tensor([sums[n] for n in names], dtype=torch.float64, device=rt.device))
+            sums = {n: float(v) / rt.world_size for n, v in zip(names, t.tolist())}
         stats = {"epoch": epoch, "step": step, **{f"loss_{n}": s / max(1, n_steps) for n, s in sums.items()},
                  "dead_fraction": float(model.dead_mask().float().mean()), "samples_per_s": n_samples / max(dt, 1e-9),
                  "lr": sched.get_last_lr()[0], "epoch_time_s": dt}

@@ -1,0 +1,63 @@
+"""Retrieval metrics from neighbour lists (stage 6): 1-NN top-1, mAP@k, precision@k, recall@k, top-k hit rate.
+
+    python retrieval/compute_metrics.py --neighbors runs/fmnist_k32/nn.npy --out runs/fmnist_k32/metrics.json
+
+Labels default to the ones named in the neighbours' sidecar (written by faiss_nn.py): database labels for
+the neighbours, query labels for the rows. k in {10, 25, 50, 100} as MRL reports (definitions in
+csr/metrics.py). Writes the JSON and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from csr.cli import bool_flag, run  # noqa: E402
+from csr.io import CSRError, atomic_write_json, check_output, load_codes, load_labels, read_sidecar  # noqa: E402
+from csr.metrics import DEFAULT_KS, markdown_table, retrieval_metrics  # noqa: E402
+
+
+def labels_from(path: str) -> np.ndarray:
+    """Labels from a labels .npy, or from the `labels` array stored in a codes .npz."""
+    if path.endswith(".npz"):
+        labels = load_codes(path).labels
+        if labels is None:
+            raise CSRError(f"{path}: code file has no labels")
+        return labels
+    return load_labels(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--neighbors", required=True, help="neighbour indices .npy from faiss_nn.py")
+    p.add_argument("--db_labels", "--db-labels", default=None, help="database labels (default: from the sidecar)")
+    p.add_argument("--query_labels", "--query-labels", default=None, help="query labels (default: from the sidecar)")
+    p.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS), help="cut-offs for the @k metrics")
+    p.add_argument("--out", default=None, help="metrics .json (default: <neighbors>_metrics.json)")
+    bool_flag(p, "--overwrite", default=False, help="replace an existing metrics file")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    nn_path = Path(args.neighbors)
+    if not nn_path.exists():
+        raise CSRError(f"{nn_path}: neighbours file not found")
+    out = check_output(Path(args.out) if args.out else nn_path.with_name(nn_path.stem + "_metrics.json"), args.overwrite)
+    side = read_sidecar(nn_path)
+    db_lab, q_lab = args.db_labels or side.get("database_labels"), args.query_labels or side.get("query_labels")
+    if not db_lab or not q_lab:
+        raise CSRError(f"{nn_path}: no sidecar naming the labels; pass --db_labels and --query_labels")
+    neighbors = np.load(nn_path)
+    metrics = retrieval_metrics(neighbors, labels_from(db_lab), labels_from(q_lab), tuple(args.ks))
+    atomic_write_json(out, {"neighbors": str(nn_path), "n_queries": len(neighbors), "metrics": metrics})
+    print(markdown_table([{"metric": k, "value": v} for k, v in metrics.items()]))
+    print(f"wrote {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    run(main)
