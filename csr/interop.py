@@ -60,7 +60,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        _public(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
@@ -73,6 +73,18 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
             shutil.rmtree(tmp)
 
 
+def _public(folder: Path) -> None:
+    """mkdtemp (and safetensors) create private entries: give them the usual umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
+
 # ----------------------------------------------------------------------------- config mapping
 
 def st_config(cfg: CSRConfig, k: int | None = None) -> dict[str, Any]:
@@ -80,7 +92,8 @@ def st_config(cfg: CSRConfig, k: int | None = None) -> dict[str, Any]:
     k = cfg.topk if k is None else k
     if not 1 <= k <= cfg.hidden_size:
         raise CSRError(f"--topk must be in [1, hidden_size={cfg.hidden_size}], got {k}")
-    return {"input_dim": cfg.input_dim, "hidden_dim": cfg.hidden_size, "k": k, "k_aux": cfg.auxk,
+    # their training forward takes top-k_aux over all units, so k_aux may not exceed hidden (ours clamps it)
+    return {"input_dim": cfg.input_dim, "hidden_dim": cfg.hidden_size, "k": k, "k_aux": min(cfg.auxk, cfg.hidden_size),
             "normalize": cfg.normalize, "dead_threshold": cfg.dead_threshold}
 
 
@@ -117,7 +130,7 @@ def _st_module(model: CSR, k: int | None):
 
 # ----------------------------------------------------------------------------- reading folders
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def _read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise CSRError(f"{path}: {what} not found")
     try:
@@ -203,7 +216,9 @@ def folder_kind(folder: str | os.PathLike) -> str:
         raise CSRError(f"{folder}: model folder not found")
     if (folder / "modules.json").is_file():
         return "encoder"
-    conf = _read_json(folder / "config.json", "config.json (not a CSR, SparseAutoEncoder or SparseEncoder folder)")
+    if not (folder / "config.json").is_file():
+        raise CSRError(f"{folder}: not a CSR, SparseAutoEncoder or SparseEncoder folder (no config.json or modules.json)")
+    conf = _read_json(folder / "config.json", "config.json")
     if isinstance(conf, dict) and conf.get("format") == PRETRAINED_FORMAT:
         return "pretrained"
     if isinstance(conf, dict) and set(conf) <= set(ST_CONFIG_KEYS) and "input_dim" in conf:
@@ -258,18 +273,37 @@ def _data_files(args: dict[str, Any]) -> list[str]:
     return out
 
 
+def _recorded_backbones(ckpt: dict[str, Any]) -> list[str]:
+    """Backbone names or paths recorded in a checkpoint's arguments and its embeddings' sidecars."""
+    args = ckpt.get("args") or {}
+    found = [v for k, v in args.items() if "backbone" in k or "model" in k]
+    for emb in _data_files(args):
+        side = read_sidecar(emb) if Path(emb).exists() else {}
+        found += [side.get(k) for k in ("backbone_path", "backbone", "model_path", "model_name", "model")]
+    return [v for v in found if isinstance(v, str) and v]
+
+
 def recorded_backbone(ckpt: dict[str, Any]) -> Path | None:
     """The local sentence-transformers folder a checkpoint was trained on, when its arguments or its
     embeddings' sidecar name one that exists."""
-    args = ckpt.get("args") or {}
-    candidates = [v for k, v in args.items() if "backbone" in k or "model" in k]
-    for emb in _data_files(args):
-        side = read_sidecar(emb) if Path(emb).exists() else {}
-        candidates += [side.get(k) for k in ("backbone_path", "backbone", "model_path", "model_name", "model")]
-    for c in candidates:
-        if _is_st_folder(c):
-            return Path(c)
-    return None
+    return next((Path(c) for c in _recorded_backbones(ckpt) if _is_st_folder(c)), None)
+
+
+def resolve_backbone(ckpt: dict[str, Any], ckpt_path: str | os.PathLike, backbone_dir: str | os.PathLike | None) -> Path:
+    """`backbone_dir`, else the recorded sentence-transformers folder, else the default text backbone when the
+    checkpoint records no other backbone (a 384-d image model must not silently get a text backbone)."""
+    if backbone_dir:
+        return Path(backbone_dir)
+    found = recorded_backbone(ckpt)
+    if found is not None:
+        return found
+    if "imported_from" in (ckpt.get("args") or {}):
+        raise CSRError(f"{ckpt_path}: imported checkpoint with no recorded backbone; pass --backbone DIR")
+    others = _recorded_backbones(ckpt)
+    if others:
+        raise CSRError(f"{ckpt_path}: trained on embeddings of {others[0]!r}, not a local sentence-transformers "
+                       "folder; pass --backbone DIR")
+    return default_text_backbone()
 
 
 def export_sparse_encoder(ckpt_path: str | os.PathLike, backbone_dir: str | os.PathLike | None,
@@ -278,11 +312,11 @@ def export_sparse_encoder(ckpt_path: str | os.PathLike, backbone_dir: str | os.P
     """Checkpoint + the local sentence-transformers backbone it was trained on -> a full `SparseEncoder`
     folder, so `SparseEncoder(out_dir).encode(texts)` returns this model's codes.
 
-    `backbone_dir` None: the checkpoint's recorded backbone, else the default text backbone.
+    `backbone_dir` None: see `resolve_backbone`.
     """
     model, ckpt = _load_ckpt_model(ckpt_path)
     module = _st_module(model, k)  # refuses untied models before any heavy loading
-    backbone = Path(backbone_dir) if backbone_dir else (recorded_backbone(ckpt) or default_text_backbone())
+    backbone = resolve_backbone(ckpt, ckpt_path, backbone_dir)
     if not _is_st_folder(str(backbone)):
         raise CSRError(f"{backbone}: not a sentence-transformers model folder (no modules.json)")
     from sentence_transformers import SentenceTransformer, SparseEncoder
@@ -458,6 +492,10 @@ def model_card(cfg: CSRConfig, ckpt: dict[str, Any], ckpt_path: str | os.PathLik
     data = _data_lines(ckpt)
     if data:
         out += ["Data:", "", *data, ""]
+    stats = side.get("final_stats") or {}
+    if "loss_total" in stats:
+        out += [f"Final epoch: loss {stats['loss_total']:.5g}, reconstruction MSE {stats.get('loss_recon_k', float('nan')):.4g}, "
+                f"dead latents {stats.get('dead_fraction', float('nan')):.1%} (not fired in {cfg.dead_threshold} steps).", ""]
     if tcfg:
         keys = ("lr", "batch_size", "epochs", "cl", "cl_coef", "temperature", "auxk_coef", "recon_loss", "seed")
         out += [markdown_table([{key: tcfg[key] for key in keys if key in tcfg} | {"steps": ckpt.get("step")}],

@@ -247,6 +247,14 @@ def test_recorded_backbone(tmp_path):
     atomic_save_npy(tmp_path / "text" / "train_emb.npy", np.zeros((2, 3), np.float32))
     write_sidecar(tmp_path / "text" / "train_emb.npy", model_path=str(bb))
     assert interop.recorded_backbone({"args": {"emb_dir": str(tmp_path / "text")}}) == bb
+    # a checkpoint that names another (e.g. timm) backbone, or none at all after an import, never gets the
+    # default text backbone silently; one that records nothing does
+    with pytest.raises(CSRError, match="trained on embeddings of 'vit_small_patch16_224'.*--backbone"):
+        interop.resolve_backbone({"args": {"model_name": "vit_small_patch16_224"}}, "c.pt", None)
+    with pytest.raises(CSRError, match="imported checkpoint"):
+        interop.resolve_backbone({"args": {"imported_from": "/x"}}, "c.pt", None)
+    assert interop.resolve_backbone({"args": {}}, "c.pt", None) == bb
+    assert interop.resolve_backbone({"args": {"model_name": "x"}}, "c.pt", tmp_path) == tmp_path
 
 
 # ----------------------------------------------------------------------------- save_pretrained
@@ -259,6 +267,9 @@ def test_save_pretrained_round_trip_and_model_card(trained):
     interop.save_pretrained(trained["ckpt"], out, eval_table=[metrics])
     # exactly what a hub push uploads: no temp files, no sidecar inside
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in out.iterdir())  # not private temp-file modes
     assert not [p for p in root.iterdir() if p.name.startswith(".hf.")]
     model = interop.from_pretrained(out)
     assert model.cfg == trained["model"].cfg
@@ -271,7 +282,7 @@ def test_save_pretrained_round_trip_and_model_card(trained):
     side = json.loads((trained["ckpt"].with_suffix(".json")).read_text())
     assert f"```\n{side['command']}\n```" in card  # the training command
     assert "train_emb.npy" in card and "handwritten sentences" in card  # the data
-    assert f"k = {K} of {HIDDEN}" in card
+    assert f"k = {K} of {HIDDEN}" in card and "dead latents" in card
     assert "| nn_metrics | 87.50 | 71.25 |" in card  # the evaluation table
     # an imported save_pretrained folder is our checkpoint again
     interop.import_folder(out, root / "hf_imported.pt")
@@ -337,7 +348,7 @@ def _set_config(folder: Path, **kv):
 
 
 CORRUPTIONS = {
-    "missing config": (lambda f: (f / "config.json").unlink(), "config.json.*not found"),
+    "missing config": (lambda f: (f / "config.json").unlink(), "no config.json or modules.json"),
     "config not json": (lambda f: (f / "config.json").write_text("{input_dim: 16"), "not valid JSON"),
     "foreign config": (lambda f: (f / "config.json").write_text('{"model_type": "bert", "hidden_size": 384}'),
                        "not a CSR, SparseAutoEncoder or SparseEncoder config"),
@@ -385,7 +396,7 @@ def test_foreign_and_broken_encoder_folders(tmp_path):
     with pytest.raises(CSRError, match="model folder not found"):
         interop.import_folder(tmp_path / "nowhere", tmp_path / "x.pt")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CSRError, match="empty/config.json"):
+    with pytest.raises(CSRError, match="empty: not a CSR, SparseAutoEncoder or SparseEncoder folder"):
         interop.import_folder(tmp_path / "empty", tmp_path / "x.pt")
 
 
