@@ -2,10 +2,10 @@
 
 Both sources yield `Batch`es of uint8 `[B, 3, S, S]` centre crops (normalisation happens on the device) with
 int64 labels and the dataset indices they came from, in dataset order, so the extraction loop can place rows
-exactly. Geometry is the same for both: the centre square of side `crop_pct * short side`, resized to S.
-The ImageFolder path resizes with the model's interpolation (PIL, bicubic for timm models); FFCV decodes
-with OpenCV's INTER_AREA, so the two agree closely but not bit-for-bit (and JPEG storage in a .beton adds
-its own differences).
+exactly. Preprocessing is the same for both: resize the short side to `S / crop_pct` with Pillow's bicubic,
+centre crop S. The FFCV path uses its own decoder (`timm_center_crop_decoder`, numba, `csr.resample`)
+instead of FFCV's CenterCropRGBImageDecoder (OpenCV INTER_AREA, blocky when upsampling), so raw-stored
+images give the same pixels as the ImageFolder path; JPEG-stored ones differ by the JPEG loss only.
 
 Also here: FFCV writing (ImageFolder -> .beton with an RGB image field and an int label field) and an
 image verification pass, because FFCV's writer hangs when a worker dies on an unreadable file.
@@ -140,16 +140,34 @@ class FolderSource:
 
 # ----------------------------------------------------------------------------- FFCV
 
+def import_ffcv():
+    """Import ffcv, undoing its side effect: importing it sets torch's thread count to 1."""
+    threads = torch.get_num_threads()
+    try:
+        import ffcv
+        import ffcv.loader  # noqa: F401 - the import that resets the thread count
+    finally:
+        torch.set_num_threads(threads)
+    return ffcv
+
+
+def ffcv_threads(workers: int) -> int:
+    """FFCV decodes with numba threads; numba refuses more than NUMBA_NUM_THREADS (the CPU count)."""
+    from numba import config
+    return max(1, min(workers, config.NUMBA_NUM_THREADS))
+
+
 def open_beton(path: str | os.PathLike, flag: str) -> tuple[Any, str, str]:
     """Open an FFCV file; return (reader, image field name, label field name)."""
     path = Path(path)
     if not path.is_file():
         raise CSRError(f"{flag} {path}: FFCV file not found")
     try:
-        from ffcv.reader import Reader
+        import_ffcv()
     except ImportError as e:
         raise CSRError(f"{flag} {path}: ffcv is not installed ({e}); use --train_dir/--eval_dir instead") from None
     from ffcv.fields import IntField, RGBImageField
+    from ffcv.reader import Reader
     try:
         reader = Reader(str(path))
     except Exception as e:  # noqa: BLE001 - FFCV raises assorted errors on foreign files
@@ -182,26 +200,29 @@ class FFCVSource:
 
     def describe(self) -> dict[str, Any]:
         return {"format": self.kind, "path": str(self.path.resolve()), "images": self.n,
-                "decoder": "CenterCropRGBImageDecoder (OpenCV INTER_AREA)"}
+                "decoder": "csr.images.TimmCenterCropDecoder (PIL-exact bicubic resize + centre crop)"}
 
     def batches(self, indices: np.ndarray, batch_size: int, workers: int, pin_memory: bool = False
                 ) -> Iterator[Batch]:
+        """Batches of `batch_size` consecutive entries of `indices`, decoded by `workers` FFCV threads."""
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
-        size = self.preprocess.size
+        pp = self.preprocess
         pipelines: dict[str, Any] = {
-            self.image_field: [CenterCropRGBImageDecoder((size, size), ratio=self.preprocess.crop_pct),
-                               ToTensor(), ToTorchImage(channels_last=False)],
+            self.image_field: [timm_center_crop_decoder(pp.size, pp.resize), ToTensor(),
+                               ToTorchImage(channels_last=False)],
             self.label_field: [IntDecoder(), ToTensor(), Squeeze(1)],
         }
         for other in self.fields:
-            if other not in pipelines:
-                pipelines[other] = None
-        loader = Loader(str(self.path), batch_size=batch_size, num_workers=max(1, workers), os_cache=True,
-                        order=OrderOption.SEQUENTIAL, indices=np.asarray(indices, dtype=np.int64),
-                        pipelines=pipelines, drop_last=False)
+            pipelines.setdefault(other, None)
+        threads = torch.get_num_threads()  # FFCV's Loader resets torch's thread count to num_workers
+        try:
+            loader = Loader(str(self.path), batch_size=batch_size, num_workers=ffcv_threads(workers), os_cache=True,
+                            order=OrderOption.SEQUENTIAL, indices=np.asarray(indices, dtype=np.int64),
+                            pipelines=pipelines, drop_last=False)
+        finally:
+            torch.set_num_threads(threads)
         names = [n for n in self.fields if pipelines[n] is not None]
         pos = 0
         for out in loader:
@@ -210,6 +231,61 @@ class FFCVSource:
             b = images.shape[0]
             yield Batch(images, labels.reshape(-1).to(torch.int64), np.asarray(indices[pos:pos + b], dtype=np.int64))
             pos += b
+
+
+_DECODER_CLASS: Any = None
+
+
+def timm_center_crop_decoder(size: int, resize: int):
+    """FFCV decoder: JPEG/raw decode, then `csr.resample.resize_center_crop` (PIL-exact bicubic, timm geometry)."""
+    global _DECODER_CLASS
+    if _DECODER_CLASS is None:
+        from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
+        from ffcv.libffcv import imdecode
+        from ffcv.pipeline.compiler import Compiler
+
+        from csr.resample import resize_center_crop
+
+        class TimmCenterCropDecoder(ResizedCropRGBImageDecoder):
+            """Deterministic eval decoder matching torchvision Resize(bicubic) + CenterCrop on PIL images."""
+
+            def __init__(self, size: int, resize: int):
+                super().__init__((size, size))
+                self.resize = resize
+
+            @property
+            def get_crop_generator(self):  # required by the abstract base; the crop is computed in the kernel
+                return None
+
+            def generate_code(self):
+                jpg = IMAGE_MODES["jpg"]
+                mem_read = self.memory_read
+                my_range = Compiler.get_iterator()
+                imdecode_c = Compiler.compile(imdecode)
+                resize = self.resize
+                kernel = resize_center_crop
+
+                def decode(batch_indices, my_storage, metadata, storage_state):
+                    destination, temp_storage = my_storage
+                    for dst_ix in my_range(len(batch_indices)):
+                        field = metadata[batch_indices[dst_ix]]
+                        image_data = mem_read(field["data_ptr"], storage_state)
+                        height = np.uint32(field["height"])
+                        width = np.uint32(field["width"])
+                        if field["mode"] == jpg:
+                            buf = temp_storage[dst_ix]
+                            imdecode_c(image_data, buf, height, width, height, width, 0, 0, 1, 1, False, False)
+                            image = buf.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                        else:
+                            image = image_data.reshape(height, width, 3)
+                        kernel(image, resize, destination[dst_ix])
+                    return destination[:len(batch_indices)]
+
+                decode.is_parallel = True
+                return decode
+
+        _DECODER_CLASS = TimmCenterCropDecoder
+    return _DECODER_CLASS(size, resize)
 
 
 # ----------------------------------------------------------------------------- verification and writing
@@ -285,6 +361,7 @@ def write_beton(data_dir: str | os.PathLike, write_path: str | os.PathLike, *, m
                 subset: int = -1, verify: bool = True, strict: bool = False, seed: int = 0,
                 smart_threshold: int | None = None) -> BetonStats:
     """ImageFolder `data_dir` -> FFCV file `write_path` (fields `image`: RGBImageField, `label`: IntField)."""
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
     samples, classes = scan_image_folder(data_dir, flag="--data_dir")
