@@ -1,0 +1,327 @@
+"""CSR on frozen CLIP features (open_clip + webdataset), and zero-shot image-text retrieval evaluation.
+
+Three forms (the training form has no sub-command word, as in the paper's README):
+
+1. Train one CSR shared by the image and text towers of a frozen open_clip model. The paper's README command
+   runs as written (given CC3M shards and the DFN2B weights on disk; nothing is downloaded here, so
+   `--pretrained dfn2b` works only when the weights are already in the local cache, else pass the file,
+   e.g. `--pretrained /path/open_clip_pytorch_model.bin --force-quick-gelu`):
+    torchrun --nproc_per_node=1 ./main_multimodal.py --train-data "shards-{0000..0575}.tar" \
+        --train-num-samples 2905954 --dataset-type webdataset --precision amp --workers 8 --model ViT-B-16 \
+        --pretrained dfn2b --epochs 5 --csr-topk 64 --csr-auxk 1024 --csr-cl_coef 1 --csr-hidden-size 2048 \
+        --csr-input-dim 512 --batch-size 1024 --lr 4e-4 --wd 1e-4 --grad-clip-norm 1.0 --save-frequency 1
+   Built-in fixtures (CPU, random-initialised tiny CLIP; see form 3):
+    python main_multimodal.py --train-data ".cache/mm/shards/shards-{0000..0003}.tar" --train-num-samples 256 \
+        --model .cache/mm/tiny-clip.json --pretrained .cache/mm/tiny-clip-random.pt --csr-input-dim 32 \
+        --csr-hidden-size 128 --csr-topk 8 --csr-auxk 32 --batch-size 32 --epochs 2 --workers 0 \
+        --out runs/mm/demo
+   Add `--feature-cache DIR` to extract CLIP features once (DIR/{image,text}_emb.npy) and train from them.
+   Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1) training is DistributedDataParallel (NCCL on CUDA,
+   gloo on CPU); `--batch-size` is per process, as in open_clip.
+   Writes OUT/epoch_{E}.pt every --save-frequency epochs (and at the end), last.pt (for
+   --resume), csr.pt (final; readable by `eval` and inference/csr_inference.py) + csr.json, log.jsonl.
+
+2. Zero-shot retrieval (image->text and text->image recall@k; a hit when any caption of the image is in the
+   top k), exact search (sparse engine for CSR codes, FAISS for dense CLIP features):
+    python main_multimodal.py eval --dataset mscoco_captions --dataset_root .cache/mm/coco \
+        --task zeroshot_retrieval --model .cache/mm/tiny-clip.json --pretrained .cache/mm/tiny-clip-random.pt \
+        --output runs/mm/coco_csr.json --batch_size 64 --recall_k 1 5 10 --csr true \
+        --csr_ckpt runs/mm/demo/csr.pt --topk 8 16 32
+   Paper data: --dataset mscoco_captions --dataset_root DIR (DIR/coco_test_karpathy.json or dataset_coco.json
+   + DIR/val2014/) or --dataset flickr30k (DIR/dataset_flickr30k.json + DIR/flickr30k-images/), --model
+   ViT-B-16 --pretrained /path/weights. `--csr false` evaluates the plain CLIP features.
+   Writes the JSON (results + provenance: command, code version, CLIP, data) and prints a markdown table.
+
+3. Fixtures (real Fashion-MNIST images, TEMPLATED captions; shards, COCO- and Flickr30k-style sets, tiny CLIP):
+    python main_multimodal.py fixtures --out .cache/mm
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from csr.cli import bool_flag, fraction, positive_int, run, str2bool
+from csr.io import CSRError
+
+PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "fp32")
+
+
+def _clip_args(g: argparse._ArgumentGroup, underscore: bool = False) -> None:
+    g.add_argument("--model", default="ViT-B-16",
+                   help="open_clip architecture (paper: ViT-B-16) or a .json open_clip model config file")
+    g.add_argument("--pretrained", default="dfn2b",
+                   help="local CLIP weights file; 'none' = random init (tests); an open_clip tag (paper: dfn2b) "
+                        "only when its weights are already in the local cache (nothing downloads)")
+    g.add_argument("--force-quick-gelu", "--force_quick_gelu", dest="force_quick_gelu", action="store_true",
+                   help="QuickGELU activations (needed for OpenAI and DFN2B weights loaded from a file)")
+    g.add_argument("--precision", default="amp", choices=PRECISIONS,
+                   help="frozen CLIP autocast on CUDA: amp = float16, amp_bf16 = bfloat16, fp32 (CPU: fp32)")
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="main_multimodal.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Sub-commands: `main_multimodal.py eval ...`, `main_multimodal.py fixtures ...`")
+    d = p.add_argument_group("data")
+    d.add_argument("--train-data", required=True,
+                   help="webdataset shards, brace notation, '::' joins sources (e.g. 'cc3m/{0000..0575}.tar')")
+    d.add_argument("--train-num-samples", type=positive_int, default=None,
+                   help="image-text pairs per epoch (open_clip's meaning; with --feature-cache: pairs cached). "
+                        "Default: one pass, counted from the shards")
+    d.add_argument("--dataset-type", default="webdataset", choices=["webdataset", "auto"],
+                   help="only webdataset shards (jpg/png/webp + txt per sample) are read")
+    bool_flag(d, "--dataset-resampled", default=False, help="sample shards with replacement (open_clip's flag)")
+    d.add_argument("--workers", type=int, default=4, help="DataLoader workers per process (decode + preprocess)")
+    d.add_argument("--shuffle-buffer", type=int, default=1000, help="webdataset sample shuffle buffer")
+    d.add_argument("--feature-cache", default=None,
+                   help="directory for cached CLIP features (image_emb.npy, text_emb.npy): extract once, "
+                        "then train from the cache (far faster for several epochs)")
+    c = p.add_argument_group("CLIP (frozen)")
+    _clip_args(c)
+    m = p.add_argument_group("CSR model (one CSR shared by both towers)")
+    m.add_argument("--csr-topk", type=positive_int, default=64, help="active units k (paper: 64)")
+    m.add_argument("--csr-auxk", type=int, default=1024, help="dead units used by AuxK (paper: 1024)")
+    m.add_argument("--csr-hidden-size", type=positive_int, default=2048, help="latent units (paper: 2048)")
+    m.add_argument("--csr-input-dim", type=positive_int, default=None,
+                   help="CLIP embedding width (paper: 512 for ViT-B-16); checked against the model")
+    m.add_argument("--csr-dead-threshold", type=int, default=30, help="steps without firing before a unit is dead")
+    bool_flag(m, "--csr-tied", default=True, help="decoder = encoder^T (reference)")
+    c2 = p.add_argument_group("loss")
+    c2.add_argument("--csr-cl_coef", "--csr-cl-coef", dest="csr_cl_coef", type=float, default=1.0,
+                    help="weight gamma of the CLIP-style InfoNCE term (paper, multimodal: 1)")
+    c2.add_argument("--csr-cl-on", default="recon", choices=["recon", "codes"],
+                    help="InfoNCE on the L2-normalised top-k reconstructions (reference) or on the sparse codes")
+    c2.add_argument("--csr-logit-scale", type=float, default=0.0,
+                    help="InfoNCE logit scale (0 = the frozen CLIP's own, exp(logit_scale), 100 for trained CLIPs)")
+    c2.add_argument("--csr-auxk-coef", type=fraction, default=1 / 32, help="AuxK weight beta (paper: 1/32)")
+    c2.add_argument("--csr-multi-k-coef", type=fraction, default=1 / 8, help="weight of the 4k reconstruction (1/8)")
+    c2.add_argument("--csr-recon-loss", default="mse", choices=["mse", "nmse"],
+                    help="reconstruction loss: mse (reference) or MSE / Var(x)")
+    o = p.add_argument_group("optimisation (AdamW, open_clip's set-up: no weight decay on biases)")
+    o.add_argument("--epochs", type=positive_int, default=5, help="epochs (paper: 5)")
+    o.add_argument("--batch-size", type=positive_int, default=1024, help="pairs per process and step (paper: 1024)")
+    o.add_argument("--lr", type=float, default=4e-4, help="learning rate (paper: 4e-4)")
+    o.add_argument("--wd", type=float, default=1e-4, help="decoupled weight decay (paper: 1e-4)")
+    o.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (open_clip default)")
+    o.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2 (open_clip default for ViTs)")
+    o.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon (open_clip default for ViTs)")
+    o.add_argument("--grad-clip-norm", type=float, default=1.0, help="gradient norm clip, 0 = off (paper: 1.0)")
+    o.add_argument("--lr-scheduler", default="const", choices=["const", "cosine"],
+                   help="LR schedule (constant, as the CSR reference)")
+    o.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    o.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in total (0 = all epochs)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", default=None,
+                     help="run directory (default runs/csr_<model>_k<topk>_h<hidden>); not open_clip's --logs, "
+                          "which torchrun would take for its own --logs-specs")
+    out.add_argument("--save-frequency", type=positive_int, default=1, help="checkpoint every N epochs (paper: 1)")
+    out.add_argument("--resume", default=None, help="checkpoint to resume from ('latest' = OUT/last.pt)")
+    bool_flag(out, "--overwrite", default=False, help="replace an existing run directory's checkpoints")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--seed", type=int, default=0, help="random seed (also seeds a random-init CLIP)")
+    r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    bool_flag(r, "--progress", default=True, help="tqdm progress bars")
+    return p
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="main_multimodal.py eval", description="Zero-shot image-text retrieval")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", required=True, choices=["mscoco_captions", "flickr30k"], help="retrieval set")
+    d.add_argument("--dataset_root", "--dataset-root", required=True,
+                   help="COCO: images + coco_test_karpathy.json/dataset_coco.json; Flickr30k: images + "
+                        "dataset_flickr30k.json")
+    d.add_argument("--annotation", default=None, help="captions JSON (default: found in --dataset_root)")
+    d.add_argument("--split", default="test", help="split of a Karpathy file (default test)")
+    d.add_argument("--task", default="zeroshot_retrieval", choices=["zeroshot_retrieval"], help="evaluation task")
+    c = p.add_argument_group("CLIP (frozen)")
+    _clip_args(c)
+    s = p.add_argument_group("CSR")
+    s.add_argument("--csr", type=str2bool, default=True, metavar="BOOL",
+                   help="pass features through CSR (true) or evaluate plain CLIP features (false)")
+    s.add_argument("--csr_ckpt", "--csr-ckpt", default=None, help="CSR checkpoint (.pt from training)")
+    s.add_argument("--topk", "--rep_dim", "--rep-dim", dest="topk", type=positive_int, nargs="+", default=None,
+                   help="active units k; several values sweep k in one run (default: the trained k)")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", required=True, help="result JSON")
+    o.add_argument("--recall_k", "--recall-k", type=positive_int, nargs="+", default=[1, 5, 10], help="k of recall@k")
+    bool_flag(o, "--overwrite", default=True, help="replace an existing --output (clip_benchmark does)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--batch_size", "--batch-size", type=positive_int, default=64, help="images/captions per batch")
+    r.add_argument("--workers", "--num_workers", type=int, default=0, help="image loading workers")
+    r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    r.add_argument("--seed", type=int, default=0, help="seed of a random-init CLIP (--pretrained none)")
+    return p
+
+
+def build_fixtures_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="main_multimodal.py fixtures",
+                                description="Fashion-MNIST image-text fixtures (real images, TEMPLATED captions)")
+    p.add_argument("--out", default=".cache/mm", help="output directory")
+    p.add_argument("--n-train", type=positive_int, default=256, help="image-text pairs in the webdataset shards")
+    p.add_argument("--per-shard", type=positive_int, default=64, help="pairs per shard")
+    p.add_argument("--n-eval", type=positive_int, default=100, help="images in each retrieval set (5 captions each)")
+    p.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST IDX directory")
+    p.add_argument("--seed", type=int, default=0, help="sampling and caption-template seed")
+    bool_flag(p, "--overwrite", default=False, help="replace --out")
+    return p
+
+
+# ----------------------------------------------------------------------------- train
+
+def train_main(args: argparse.Namespace) -> dict:
+    import torch
+
+    from csr import distributed
+    from csr import multimodal as mm
+    from csr.model import CSR, CSRConfig
+    from csr.train import TrainConfig
+
+    shards = mm.expand_shards(args.train_data)
+    mm.check_shard(shards[0])
+    ckpt_dir = Path(args.out or f"runs/csr_{Path(args.model).stem}_k{args.csr_topk}_h{args.csr_hidden_size}")
+    resume = args.resume
+    if resume == "latest":
+        resume = str(ckpt_dir / "last.pt")
+    if (ckpt_dir / "csr.pt").exists() and not (args.overwrite or resume):
+        raise CSRError(f"{ckpt_dir / 'csr.pt'} exists; pass --overwrite, --resume latest or another --out")
+    rt = distributed.setup(True, args.device)  # DDP exactly when torchrun starts several processes
+    try:
+        clip = mm.load_clip(args.model, args.pretrained, rt.device, args.precision, args.force_quick_gelu, args.seed)
+        if args.csr_input_dim is not None and args.csr_input_dim != clip.embed_dim:
+            raise CSRError(f"--csr-input-dim {args.csr_input_dim} does not match the embedding width "
+                           f"{clip.embed_dim} of {clip.name}")
+        try:
+            model_cfg = CSRConfig(input_dim=clip.embed_dim, hidden_size=args.csr_hidden_size, topk=args.csr_topk,
+                                  auxk=args.csr_auxk, dead_threshold=args.csr_dead_threshold, tied=args.csr_tied)
+        except ValueError as e:
+            raise CSRError(f"--csr-topk/--csr-hidden-size: {e}") from None
+        train_cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size * rt.world_size, epochs=args.epochs,
+                                cl="none", cl_coef=args.csr_cl_coef, auxk_coef=args.csr_auxk_coef,
+                                multi_k_coef=args.csr_multi_k_coef, recon_loss=args.csr_recon_loss, wd=args.wd,
+                                adam_eps=args.eps, schedule="cosine" if args.lr_scheduler == "cosine" else "constant",
+                                warmup_steps=args.warmup, grad_clip=args.grad_clip_norm, seed=args.seed,
+                                amp=args.precision.startswith("amp"), max_steps=args.max_steps)
+        logit_scale = args.csr_logit_scale or clip.logit_scale
+        global_batch = args.batch_size * rt.world_size
+        if args.feature_cache:
+            img, txt = mm.build_feature_cache(args.feature_cache, clip, shards, args.train_data, args.batch_size,
+                                              args.workers, args.train_num_samples, rt, args.progress)
+            if len(img) < global_batch:
+                raise CSRError(f"--feature-cache holds {len(img)} pairs, fewer than one global batch of {global_batch}")
+            source = mm.CachedFeatures(img, txt, global_batch, args.seed, rt)
+            data_desc = f"feature cache {args.feature_cache} ({len(img)} pairs)"
+        else:
+            mm.check_readers(len(shards), rt.world_size, args.workers, args.dataset_resampled)
+            n = args.train_num_samples or mm.count_pairs(shards)
+            batches = max(1, -(-n // global_batch))
+            stream = mm.ShardStream(shards, clip.preprocess, clip.tokenizer, args.batch_size, rt.rank,
+                                    rt.world_size, batches_per_worker=-(-batches // max(1, args.workers)),
+                                    shuffle=True, resampled=args.dataset_resampled, buffer=args.shuffle_buffer,
+                                    seed=args.seed)
+            source = mm.OnlineFeatures(clip, stream, args.workers)
+            data_desc = f"{len(shards)} shards, {n} pairs/epoch, online CLIP features"
+        torch.manual_seed(args.seed)
+        model = CSR(model_cfg)
+        if rt.is_main:
+            print(f"data: {args.train_data}: {data_desc}")
+            print(f"CLIP: {clip.name} ({clip.pretrained}), width {clip.embed_dim}, logit scale {clip.logit_scale:.4g}, "
+                  f"precision {args.precision} on {rt.device}")
+            print(f"model: {model_cfg}")
+            print(f"train: {train_cfg}, InfoNCE on {args.csr_cl_on} with scale {logit_scale:.4g}")
+            print(f"runtime: device {rt.device}, world size {rt.world_size}, {global_batch} pairs per step")
+        extra = {"clip": clip.describe(), "args": vars(args)}
+        t0 = time.time()
+        summary = mm.train_multimodal(model, source, train_cfg, ckpt_dir, rt, logit_scale, args.csr_cl_on,
+                                      args.save_frequency, (args.beta1, args.beta2), args.eps, extra, resume,
+                                      args.progress)
+        if rt.is_main:
+            print(f"done in {time.time() - t0:.1f}s: {summary['steps']} steps, final loss "
+                  f"{summary.get('loss_total', float('nan')):.5g}, dead latents {summary.get('dead_fraction', 0):.1%}, "
+                  f"{summary.get('samples_per_s', 0):.1f} samples/s (last epoch, CLIP included)")
+            print(f"wrote {summary['checkpoint']} (+ {', '.join(Path(s).name for s in summary['saved'])}, last.pt, "
+                  f"log.jsonl, csr.json)")
+        return summary
+    finally:
+        distributed.cleanup()
+
+
+# ----------------------------------------------------------------------------- eval
+
+def eval_main(args: argparse.Namespace) -> dict:
+    from csr import multimodal as mm
+    from csr.checkpoint import check_input_dim, load_model
+    from csr.distributed import pick_device
+    from csr.io import atomic_write_json, check_output, code_version, command_line
+    from csr.metrics import markdown_table
+
+    check_output(args.output, args.overwrite)
+    if args.csr and not args.csr_ckpt:
+        raise CSRError("--csr true needs --csr_ckpt (or pass --csr false for plain CLIP features)")
+    device = pick_device(args.device)
+    model = ckpt = None
+    if args.csr:  # read the checkpoint first: a wrong file fails before any embedding work
+        model, ckpt = load_model(args.csr_ckpt, device)
+    ds = mm.load_caption_set(args.dataset, args.dataset_root, args.annotation, args.split)
+    clip = mm.load_clip(args.model, args.pretrained, device, args.precision, args.force_quick_gelu, args.seed)
+    if model is not None:
+        check_input_dim(model, clip.embed_dim, f"--csr_ckpt {args.csr_ckpt} with CLIP {clip.name}")
+        trained = (ckpt.get("clip") or {}).get("model")
+        if trained and trained != clip.name:
+            print(f"warning: {args.csr_ckpt} was trained on {trained} features, evaluating with {clip.name}",
+                  file=sys.stderr)
+    t0 = time.time()
+    img = mm.embed_images(clip, ds.image_paths, args.batch_size, args.workers)
+    txt = mm.embed_texts(clip, ds.captions, args.batch_size)
+    t_embed = time.time() - t0
+    topks = (args.topk or [model.cfg.topk]) if model is not None else []
+    for k in topks:
+        if k > model.cfg.hidden_size:
+            raise CSRError(f"--topk {k} is larger than the checkpoint's hidden_size {model.cfg.hidden_size}")
+    rows = mm.zero_shot_retrieval(img, txt, ds.text_to_image, args.recall_k, model, topks, device)
+    result = {"dataset": args.dataset, "task": args.task, "model": clip.name, "pretrained": clip.pretrained,
+              "csr": bool(args.csr), "csr_ckpt": args.csr_ckpt, "annotation": ds.annotation,
+              "n_images": ds.n_images, "n_captions": len(ds.captions), "recall_k": args.recall_k,
+              "units": "percent", "metrics": rows[0] if len(rows) == 1 else None, "results": rows,
+              "embed_seconds": round(t_embed, 2)}
+    result.update(clip=clip.describe(), dataset_root=args.dataset_root, command=command_line(),
+                  code_version=code_version())  # a .json output is its own sidecar
+    atomic_write_json(args.output, result)
+    cols = ["representation", "active_dims"] + [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image")
+                                                for k in args.recall_k]
+    print(f"{args.dataset}: {ds.n_images} images, {len(ds.captions)} captions ({ds.annotation}); "
+          f"CLIP {clip.name} ({clip.pretrained}); recall in %")
+    print(markdown_table(rows, cols))
+    print(f"wrote {args.output}")
+    return result
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+def fixtures_main(args: argparse.Namespace) -> dict:
+    from csr.fixtures import NOTE, build_fixtures
+    t0 = time.time()
+    m = build_fixtures(args.out, args.n_train, args.per_shard, args.n_eval, args.source, args.seed, args.overwrite)
+    print(f"wrote {args.out} in {time.time() - t0:.1f}s: {m['n_train']} training pairs in {m['train_data']}, "
+          f"{m['n_coco']} COCO-style images in {m['coco_root']}, {m['n_flickr30k_test']} Flickr30k-style test "
+          f"images in {m['flickr30k_root']} ({m['captions_per_image']} captions each), tiny CLIP {m['model']} + "
+          f"{m['pretrained']}")
+    print(f"note: {NOTE}")
+    print(json.dumps(m, indent=2))
+    return m
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "eval":
+        return eval_main(build_eval_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "fixtures":
+        return fixtures_main(build_fixtures_parser().parse_args(argv[1:]))
+    return train_main(build_train_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    run(main)

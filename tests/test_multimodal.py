@@ -1,0 +1,271 @@
+"""Multimodal CSR: open_clip + webdataset training, feature cache, zero-shot retrieval, bad input.
+
+Runs on real-format fixtures (Fashion-MNIST images with TEMPLATED captions) and a tiny open_clip model with
+random weights (no CLIP weights are reachable here): the tests check the code path and the numbers against
+plain reference computations, not retrieval quality.
+"""
+import io
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import main_multimodal
+from csr import multimodal as mm
+from csr.checkpoint import load_model, save_checkpoint
+from csr.io import CSRError
+from csr.knn import select_topk
+from csr.model import CSR, CSRConfig, dense_code
+from csr.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+README_COMMAND = ('torchrun --nproc_per_node=1 ./main_multimodal.py --train-data "shards-{0000..0575}.tar" '
+                  '--train-num-samples N --dataset-type webdataset --precision amp --workers W --model ViT-B-16 '
+                  '--pretrained dfn2b --epochs 5 --csr-topk 64 --csr-auxk 1024 --csr-cl_coef 1 --csr-hidden-size 2048 '
+                  '--csr-input-dim 512 --batch-size 1024 --lr 4e-4 --wd 1e-4 --grad-clip-norm 1.0 --save-frequency 1')
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    from csr.fixtures import build_fixtures
+    out = tmp_path_factory.mktemp("mm") / "fx"
+    return build_fixtures(out, n_train=128, per_shard=32, n_eval=40, seed=0)
+
+
+def train_args(fx, logs, *extra):
+    return ["--train-data", fx["train_data"], "--model", fx["model"], "--pretrained", fx["pretrained"],
+            "--csr-hidden-size", "64", "--csr-topk", "4", "--csr-auxk", "16", "--batch-size", "16",
+            "--workers", "0", "--out", str(logs / "run"), "--device", "cpu", "--progress", "False",
+            *extra]
+
+
+def eval_args(fx, out, *extra, dataset="flickr30k"):
+    root = fx["flickr30k_root"] if dataset == "flickr30k" else fx["coco_root"]
+    return ["eval", "--dataset", dataset, "--dataset_root", root, "--task", "zeroshot_retrieval", "--model",
+            fx["model"], "--pretrained", fx["pretrained"], "--output", str(out), "--batch_size", "32",
+            "--recall_k", "1", "5", "10", "--device", "cpu", *extra]
+
+
+# ----------------------------------------------------------------------------- recall@k
+
+def test_recall_at_k_on_hand_made_scores():
+    # 3 images; captions 0,1 -> image 0, captions 2,3,4 -> image 1, caption 5 -> image 2
+    text_to_image = np.array([0, 0, 1, 1, 1, 2])
+    S = np.array([[0.1, 0.9, 0.8, 0.0, 0.2, 0.3],    # image 0: caption 1 ranked first -> hit at 1
+                  [0.7, 0.6, 0.1, 0.5, 0.2, 0.0],    # image 1: its first caption (3) is ranked third
+                  [0.3, 0.2, 0.4, 0.1, 0.6, 0.5]],   # image 2: caption 5 ranked second
+                 dtype=np.float32)
+    i2t, _ = select_topk(S, 6)
+    t2i, _ = select_topk(np.ascontiguousarray(S.T), 3)
+    # caption 4 scores 0.2 with images 0 and 1: the tie goes to the lower index, so image 1 is third
+    assert t2i[4].tolist() == [2, 0, 1]
+    r = mm.recall_at_k(i2t, t2i, text_to_image, (1, 2, 3))
+    assert r["image_to_text_R@1"] == pytest.approx(100 / 3)
+    assert r["image_to_text_R@2"] == pytest.approx(200 / 3)
+    assert r["image_to_text_R@3"] == pytest.approx(100.0)
+    # caption ranks of their own image: 3, 1, 3, 1, 3, 1
+    assert r["text_to_image_R@1"] == pytest.approx(50.0)
+    assert r["text_to_image_R@2"] == pytest.approx(50.0)
+    assert r["text_to_image_R@3"] == pytest.approx(100.0)
+
+
+def naive_recall(img: np.ndarray, txt: np.ndarray, text_to_image: np.ndarray, ks) -> dict:
+    """Full ranking by cosine with a stable sort (ties -> lower index); loops over queries."""
+    S = img @ txt.T
+    out = {}
+    for k in ks:
+        hits = [any(text_to_image[j] == i for j in np.argsort(-S[i], kind="stable")[:k]) for i in range(len(img))]
+        out[f"image_to_text_R@{k}"] = 100.0 * np.mean(hits)
+        hits = [text_to_image[j] in np.argsort(-S[:, j], kind="stable")[:k] for j in range(len(txt))]
+        out[f"text_to_image_R@{k}"] = 100.0 * np.mean(hits)
+    return out
+
+
+def test_eval_csr_false_equals_plain_clip_cosine(fx, tmp_path):
+    import open_clip
+    from PIL import Image
+    res = main_multimodal.main(eval_args(fx, tmp_path / "r.json", "--csr", "false"))
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["n_images"] == 40 and data["n_captions"] == 200  # the 4 "train" images are skipped
+    # the same numbers straight from open_clip and a naive ranking
+    open_clip.add_model_config(fx["model"])
+    model, _, pre = open_clip.create_model_and_transforms("tiny-clip", pretrained=fx["pretrained"])
+    model.eval()
+    tok = open_clip.get_tokenizer("tiny-clip")
+    ann = json.loads(Path(fx["flickr30k_root"], "dataset_flickr30k.json").read_text())
+    test = [im for im in ann["images"] if im["split"] == "test"]
+    imgs = torch.stack([pre(Image.open(Path(fx["flickr30k_root"], "flickr30k-images", im["filename"])).convert("RGB"))
+                        for im in test])
+    caps = [s["raw"] for im in test for s in im["sentences"]]
+    owner = np.repeat(np.arange(len(test)), [len(im["sentences"]) for im in test])
+    with torch.no_grad():
+        fi = F.normalize(model.encode_image(imgs), dim=-1).numpy()
+        ft = F.normalize(model.encode_text(tok(caps)), dim=-1).numpy()
+    expected = naive_recall(fi, ft, owner, (1, 5, 10))
+    got = {k: v for k, v in res["metrics"].items() if "_R@" in k}
+    assert got == pytest.approx(expected, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def naive_infonce(a, b, scale):
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    loss = 0.0
+    for i in range(len(a)):
+        li = scale * (a[i] @ b.T)
+        lt = scale * (b[i] @ a.T)
+        loss += -(li[i] - torch.logsumexp(li, 0)) - (lt[i] - torch.logsumexp(lt, 0))
+    return loss / (2 * len(a))
+
+
+def test_clip_infonce_matches_naive_and_code_variant_matches_dense_codes():
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 10), torch.randn(6, 10)
+    assert float(mm.clip_infonce(a, b, 14.0)) == pytest.approx(float(naive_infonce(a, b, 14.0)), rel=1e-5)
+    # one shared CSR on [images; texts]; InfoNCE on codes == CLIP InfoNCE on the dense top-k codes
+    model = CSR(CSRConfig(input_dim=10, hidden_size=40, topk=4, auxk=8))
+    x = torch.cat([a, b])
+    out = model(x, k=4, multi_k=16)
+    cfg = TrainConfig(cl="none", cl_coef=1.0)
+    t_codes = mm.multimodal_losses(out, x, cfg, 40, 14.0, "codes")
+    z = dense_code(out["idx"][:, :4], out["vals"][:, :4], 40).detach()
+    assert float(t_codes["cl"].detach()) == pytest.approx(float(naive_infonce(z[:6], z[6:], 14.0)), rel=1e-5)
+    t_rec = mm.multimodal_losses(out, x, cfg, 40, 14.0, "recon")
+    assert float(t_rec["cl"]) == pytest.approx(float(naive_infonce(out["recon_k"][:6], out["recon_k"][6:], 14.0)), rel=1e-5)
+    # total = reconstruction + 1/8 * 4k reconstruction + AuxK + gamma * InfoNCE
+    mse = lambda p: float(F.mse_loss(p, x))  # noqa: E731
+    assert float(t_rec["total"]) == pytest.approx(mse(out["recon_k"]) + mse(out["recon_multi"]) / 8 + float(t_rec["cl"]),
+                                                  rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_train_two_steps_writes_checkpoint_that_eval_loads(fx, tmp_path):
+    summary = main_multimodal.main(train_args(fx, tmp_path, "--max-steps", "2", "--epochs", "3",
+                                              "--csr-input-dim", "32"))
+    ckpt_dir = tmp_path / "run"
+    assert summary["steps"] == 2
+    model, ckpt = load_model(ckpt_dir / "csr.pt")
+    assert (model.cfg.input_dim, model.cfg.hidden_size, model.cfg.topk) == (32, 64, 4)
+    assert ckpt["step"] == 2 and ckpt["clip"]["model"] == "tiny-clip" and (ckpt_dir / "epoch_1.pt").exists()
+    init = CSR(CSRConfig(input_dim=32, hidden_size=64, topk=4, auxk=16))
+    torch.manual_seed(0)
+    init = CSR(init.cfg)
+    assert not torch.equal(init.encoder.weight, model.encoder.weight)  # the optimiser moved the weights
+    res = main_multimodal.main(eval_args(fx, tmp_path / "r.json", "--csr", "true", "--csr_ckpt",
+                                         str(ckpt_dir / "csr.pt"), "--topk", "2", "4", dataset="mscoco_captions"))
+    assert [r["active_dims"] for r in res["results"]] == [2, 4]
+    for row in res["results"]:
+        assert all(0.0 <= row[f"{d}_R@{k}"] <= 100.0 for d in ("image_to_text", "text_to_image") for k in (1, 5, 10))
+        assert row["image_to_text_R@1"] <= row["image_to_text_R@5"] <= row["image_to_text_R@10"]
+
+
+def test_feature_cache_equals_open_clip_on_the_shard_samples(fx, tmp_path):
+    from PIL import Image
+    clip = mm.load_clip(fx["model"], fx["pretrained"], "cpu", "fp32")
+    shards = mm.expand_shards(fx["train_data"])
+    from csr.distributed import Runtime
+    img, txt = mm.build_feature_cache(tmp_path / "cache", clip, shards, fx["train_data"], 16, 0, 40, Runtime(),
+                                      progress=False)
+    assert img.shape == (40, 32) and txt.shape == (40, 32)
+    # the first 40 samples of the first two shards, read with tarfile and embedded directly
+    members = {}
+    for s in shards[:2]:
+        with tarfile.open(s) as tar:
+            for m in tar.getmembers():
+                members[m.name] = tar.extractfile(m).read()
+    keys = sorted({n.split(".")[0] for n in members})[:40]
+    ims = torch.stack([clip.preprocess(Image.open(io.BytesIO(members[f"{k}.jpg"])).convert("RGB")) for k in keys])
+    caps = [members[f"{k}.txt"].decode() for k in keys]
+    with torch.no_grad():
+        ref_i = F.normalize(clip.model.encode_image(ims), dim=-1).numpy()
+        ref_t = F.normalize(clip.model.encode_text(clip.tokenizer(caps)), dim=-1).numpy()
+    np.testing.assert_allclose(img, ref_i, atol=1e-5)
+    np.testing.assert_allclose(txt, ref_t, atol=1e-5)
+    # training from the cache (2 steps) and reusing it
+    summary = main_multimodal.main(train_args(fx, tmp_path, "--feature-cache", str(tmp_path / "cache"),
+                                              "--train-num-samples", "40", "--max-steps", "2"))
+    assert summary["steps"] == 2
+    with pytest.raises(CSRError, match="another run"):
+        main_multimodal.main(train_args(fx, tmp_path, "--feature-cache", str(tmp_path / "cache"),
+                                        "--train-num-samples", "48", "--out", str(tmp_path / "other")))
+
+
+def test_readme_command_parses_unchanged():
+    # the issue writes N and W as placeholders for the sample count and the worker count; all else is verbatim
+    argv = shlex.split(README_COMMAND.replace("--train-num-samples N", "--train-num-samples 2905954")
+                       .replace("--workers W", "--workers 8"))
+    assert argv[2] == "./main_multimodal.py"
+    args = main_multimodal.build_train_parser().parse_args(argv[3:])
+    assert args.train_data == "shards-{0000..0575}.tar" and args.dataset_type == "webdataset"
+    assert args.precision == "amp" and args.model == "ViT-B-16" and args.pretrained == "dfn2b"
+    assert (args.csr_topk, args.csr_auxk, args.csr_cl_coef, args.csr_hidden_size, args.csr_input_dim) == (64, 1024, 1.0, 2048, 512)
+    assert (args.epochs, args.batch_size, args.lr, args.wd, args.grad_clip_norm, args.save_frequency) == (5, 1024, 4e-4, 1e-4, 1.0, 1)
+    assert (args.train_num_samples, args.workers, args.feature_cache, args.csr_cl_on) == (2905954, 8, None, "recon")
+
+
+def test_no_training_flag_is_taken_by_torchrun():
+    """torchrun's parser would swallow (or reject as ambiguous) a script flag that prefixes one of its own."""
+    from torch.distributed.run import get_args_parser
+    ours = [o for a in main_multimodal.build_train_parser()._actions for o in a.option_strings if o not in ("-h", "--help")]
+    theirs = [o for a in get_args_parser()._actions for o in a.option_strings]
+    assert not [(m, t) for m in ours for t in theirs if t.startswith(m)]
+
+
+def test_torchrun_two_processes_gloo(fx, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "main_multimodal.py"), *train_args(fx, tmp_path, "--batch-size", "8", "--max-steps", "2")]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "world size 2, 16 pairs per step" in p.stdout
+    model, ckpt = load_model(tmp_path / "run" / "csr.pt")
+    assert ckpt["step"] == 2 and model.cfg.input_dim == 32
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_missing_shards_and_shards_without_image_or_caption(fx, tmp_path):
+    with pytest.raises(CSRError, match="2 of 2 shards do not exist"):
+        main_multimodal.main(train_args(fx, tmp_path, "--train-data", str(tmp_path / "nope-{0..1}.tar")))
+    bad = tmp_path / "bad-0.tar"
+    with tarfile.open(bad, "w") as tar:
+        for key in ("000000", "000001"):
+            data = b"3"
+            info = tarfile.TarInfo(f"{key}.cls")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(CSRError, match=r"bad-0.tar: samples lack an image .* found extensions \['cls'\]"):
+        main_multimodal.main(train_args(fx, tmp_path, "--train-data", str(bad)))
+
+
+def test_caption_json_with_missing_images_names_them(fx, tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(fx["coco_root"], root)
+    victim = sorted((root / "val2014").iterdir())[3]
+    victim.unlink()
+    with pytest.raises(CSRError, match=f"1 of 40 images are missing .*{victim.name}"):
+        mm.load_caption_set("mscoco_captions", root)
+
+
+def test_input_dim_mismatch_and_checkpoint_of_another_width(fx, tmp_path):
+    with pytest.raises(CSRError, match="--csr-input-dim 512 does not match the embedding width 32"):
+        main_multimodal.main(train_args(fx, tmp_path, "--csr-input-dim", "512"))
+    ckpt = tmp_path / "w16.pt"
+    save_checkpoint(ckpt, CSR(CSRConfig(input_dim=16, hidden_size=64, topk=4)))
+    with pytest.raises(CSRError, match="d=32 but the checkpoint expects input_dim=16"):
+        main_multimodal.main(eval_args(fx, tmp_path / "r.json", "--csr_ckpt", str(ckpt)))
+
+
+def test_hub_tag_without_weights_is_a_clear_error():
+    with pytest.raises(CSRError, match="nothing is downloaded.*--pretrained /path/to/weights --force-quick-gelu"):
+        mm.load_clip("ViT-B-16", "dfn2b")
