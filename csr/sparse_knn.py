@@ -35,7 +35,11 @@ from csr.io import CSRError, SparseCodes, validate_codes
 
 HOT_FRACTION = 0.05  # a unit used by >= 5 % of the database goes into the dense block
 MAX_HOT = 256  # at most this many dense rows
-TILE = 4096  # items per tile in the hot path (a tile of hot rows stays in L2, the accumulator in L1)
+TILE = 4096  # items per tile in the tiled path (a tile of hot rows stays in L2, the accumulator in L1)
+BLOCK = 65536  # items per accumulator block in the postings path (the accumulator stays in L2)
+# A query without hot units takes the tiled path when its postings exceed this many per database item: one
+# pass over its postings plus a scan of every item then costs less than two passes over its postings.
+TILED_POSTINGS_PER_ITEM = 0.05
 _GROUP = 4  # hot rows summed per pass over a tile
 
 
@@ -122,6 +126,17 @@ def _fill_index(idx, val, ln, hot_pos, ptr, doc, pval, hot):
                 fill[u] = p + 1
 
 
+@njit(cache=True)
+def _block_pointers(ptr, doc, block, nb):
+    hidden = ptr.shape[0] - 1
+    bptr = np.empty((hidden, nb + 1), dtype=np.int64)
+    for u in range(hidden):
+        ds = doc[ptr[u]:ptr[u + 1]]
+        for b in range(nb + 1):
+            bptr[u, b] = ptr[u] + np.searchsorted(ds, b * block)
+    return bptr
+
+
 @dataclass
 class SparseIndex:
     """Inverted index of normalised database codes plus the dense block of hot units (see module docstring)."""
@@ -133,39 +148,45 @@ class SparseIndex:
     hot_units: np.ndarray  # [n_hot] int64
     hot_pos: np.ndarray  # [hidden] int64: row of unit u in `hot`, or -1
     hot: np.ndarray  # [n_hot, n] float32 dense block (zeros where a hot unit is inactive)
+    bptr: np.ndarray  # [hidden, n_blocks+1] int64: postings of unit u in item block b start at bptr[u, b]
+    block: int  # items per block (the postings path's accumulator size)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.ptr, self.doc, self.val, self.hot_units, self.hot_pos, self.hot))
+        return sum(a.nbytes for a in (self.ptr, self.doc, self.val, self.hot_units, self.hot_pos, self.hot,
+                                      self.bptr))
 
     def search(self, queries: SparseCodes, K: int, *, batch_size: int = 512, threads: int | None = None,
-               progress: bool = True, tile: int = TILE) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-K of `queries` against this index: `(indices int64 [Nq,K], scores float32 [Nq,K])`."""
+               progress: bool = True, tile: int = TILE,
+               tiled_postings_per_item: float = TILED_POSTINGS_PER_ITEM) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-K of `queries` against this index: `(indices int64 [Nq,K], scores float32 [Nq,K])`.
+
+        `tile` and `tiled_postings_per_item` (see the module constants) only change speed, never the result."""
         check_pair(queries, self.hidden_size, self.n, K)
         if batch_size < 1:
             raise CSRError(f"batch_size must be >= 1, got {batch_size}")
         with _num_threads(threads) as nt:
             out_i = np.empty((queries.n, K), dtype=np.int64)
             out_s = np.empty((queries.n, K), dtype=np.float32)
-            accs = np.zeros((nt, self.n), dtype=np.float32)
+            accs = np.zeros((nt, min(self.block, self.n)), dtype=np.float32)
             starts = range(0, queries.n, batch_size)
             for b0 in tqdm(starts, desc="sparse kNN", unit="batch", disable=not progress, mininterval=1.0):
                 sl = slice(b0, min(queries.n, b0 + batch_size))
                 qi, qv, ql = normalized_rows(_rows(queries, sl.start, sl.stop))
-                is_hot = _uses_hot(qi, ql, self.hot_pos)
-                cold_q = np.flatnonzero(~is_hot)
-                hot_q = np.flatnonzero(is_hot)
+                n_hot, n_post = _query_work(qi, ql, self.hot_pos, self.ptr)
+                tiled = (n_hot > 0) | (n_post > tiled_postings_per_item * self.n)
+                post_q, tile_q = np.flatnonzero(~tiled), np.flatnonzero(tiled)
                 bi, bs = out_i[sl], out_s[sl]
-                if cold_q.size:
-                    _search_postings(cold_q, qi, qv, ql, self.ptr, self.doc, self.val, K, accs, bi, bs)
-                if hot_q.size:
-                    _search_tiles(hot_q, qi, qv, ql, self.hot_pos, self.hot, self.ptr, self.doc, self.val, K,
-                                  tile, min(nt, hot_q.size), bi, bs)
+                if post_q.size:
+                    _search_postings(post_q, qi, qv, ql, self.bptr, self.doc, self.val, self.n, K, accs, bi, bs)
+                if tile_q.size:
+                    _search_tiles(tile_q, qi, qv, ql, self.hot_pos, self.hot, self.ptr, self.doc, self.val,
+                                  self.n, K, tile, min(nt, tile_q.size), bi, bs)
         return out_i, out_s
 
 
 def build_index(database: SparseCodes, *, hot_fraction: float = HOT_FRACTION, max_hot: int = MAX_HOT,
-                threads: int | None = None) -> SparseIndex:
+                block: int = BLOCK, threads: int | None = None) -> SparseIndex:
     """Normalise the database codes and build the inverted index + dense hot block."""
     if not isinstance(database, SparseCodes):
         raise CSRError(f"database must be SparseCodes, got {type(database).__name__}")
@@ -187,7 +208,9 @@ def build_index(database: SparseCodes, *, hot_fraction: float = HOT_FRACTION, ma
         pval = np.empty(int(ptr[-1]), dtype=np.float32)
         hot = np.zeros((hot_units.size, database.n), dtype=np.float32)
         _fill_index(idx, val, ln, hot_pos, ptr, doc, pval, hot)
-    return SparseIndex(database.n, database.hidden_size, ptr, doc, pval, hot_units, hot_pos, hot)
+        del idx, val, ln
+        bptr = _block_pointers(ptr, doc, block, -(-database.n // block))
+    return SparseIndex(database.n, database.hidden_size, ptr, doc, pval, hot_units, hot_pos, hot, bptr, block)
 
 
 # ----------------------------------------------------------------------------- top-K heap
@@ -256,76 +279,86 @@ def _heap_drain(hs, hi, n, out_s, out_i) -> None:
 # ----------------------------------------------------------------------------- queries without hot units
 
 @njit(cache=True, nogil=True)
-def _scatter(qi, qv, m, ptr, doc, val, acc) -> None:
+def _scatter_block(qi, qv, m, bptr, b, doc, val, acc, off) -> None:
+    """Pass 1 over block b (items [off, off+len(acc))): acc[item - off] += w * value for the query's postings."""
     for t in range(m):
         u = qi[t]
         w = qv[t]
-        ds = doc[ptr[u]:ptr[u + 1]]
-        vs = val[ptr[u]:ptr[u + 1]]
+        ds = doc[bptr[u, b]:bptr[u, b + 1]]
+        vs = val[bptr[u, b]:bptr[u, b + 1]]
         for j in range(ds.shape[0]):
-            acc[ds[j]] += w * vs[j]
+            acc[ds[j] - off] += w * vs[j]
 
 
 @njit(cache=True, nogil=True)
-def _collect_positive(qi, m, ptr, doc, acc, K, hs, hi) -> int:
-    """Second pass: each touched item once (its score is read and reset); keep the best K scores > 0."""
-    n = 0
+def _collect_block(qi, m, bptr, b, doc, acc, off, K, hs, hi, n) -> int:
+    """Pass 2: each touched item once (its score is read and reset); keep the best K scores > 0."""
     for t in range(m):
         u = qi[t]
-        ds = doc[ptr[u]:ptr[u + 1]]
+        ds = doc[bptr[u, b]:bptr[u, b + 1]]
         for j in range(ds.shape[0]):
-            d = ds[j]
+            d = ds[j] - off
             s = acc[d]
             if s != 0:
                 acc[d] = 0
                 if s > 0:
                     if n < K:
-                        n = _heap_push(hs, hi, n, s, d)
-                    elif s > hs[0] or (s == hs[0] and d < hi[0]):
-                        _heap_replace_top(hs, hi, n, s, d)
+                        n = _heap_push(hs, hi, n, s, d + off)
+                    elif s > hs[0] or (s == hs[0] and d + off < hi[0]):
+                        _heap_replace_top(hs, hi, n, s, d + off)
     return n
 
 
 @njit(cache=True, nogil=True)
-def _reset(qi, m, ptr, doc, acc) -> None:
+def _reset_block(qi, m, bptr, b, doc, acc, off) -> None:
     for t in range(m):
         u = qi[t]
-        ds = doc[ptr[u]:ptr[u + 1]]
+        ds = doc[bptr[u, b]:bptr[u, b + 1]]
         for j in range(ds.shape[0]):
-            acc[ds[j]] = 0
+            acc[ds[j] - off] = 0
 
 
 @njit(cache=True, nogil=True)
-def _fill_nonpositive(acc, need, hs, hi) -> int:
-    """The best `need` items with score <= 0 (untouched items score 0), scanning items in index order."""
-    n = 0
-    for d in range(acc.shape[0]):
-        s = acc[d]
+def _fill_block(a, off, need, hs, hi, n) -> int:
+    """Offer the items of a block with score <= 0 in index order (untouched items score 0); returns the heap
+    size, negated when the heap holds `need` zeros (no later item can enter: larger ids, scores <= 0)."""
+    for d in range(a.shape[0]):
+        s = a[d]
         if s > 0:
             continue
         if n < need:
-            n = _heap_push(hs, hi, n, s, d)
+            n = _heap_push(hs, hi, n, s, d + off)
         elif s > hs[0]:
-            _heap_replace_top(hs, hi, n, s, d)
+            _heap_replace_top(hs, hi, n, s, d + off)
         if n == need and hs[0] == 0:
-            break  # the heap holds `need` zeros; later items have larger ids and scores <= 0
+            return -n
     return n
 
 
 @njit(cache=True, nogil=True)
-def _one_postings(qi, qv, m, ptr, doc, val, acc, K, hs, hi, hs2, hi2, out_i, out_s) -> None:
-    _scatter(qi, qv, m, ptr, doc, val, acc)
-    n = _collect_positive(qi, m, ptr, doc, acc, K, hs, hi)
+def _one_postings(qi, qv, m, bptr, doc, val, acc, n_db, K, hs, hi, hs2, hi2, out_i, out_s) -> None:
+    block = acc.shape[0]
+    nb = bptr.shape[1] - 1
+    n = 0
+    for b in range(nb):
+        _scatter_block(qi, qv, m, bptr, b, doc, val, acc, b * block)
+        n = _collect_block(qi, m, bptr, b, doc, acc, b * block, K, hs, hi, n)
     _heap_drain(hs, hi, n, out_s, out_i)
-    if n < K:  # rare: fewer than K items score > 0; rebuild the scores to rank the rest
-        _scatter(qi, qv, m, ptr, doc, val, acc)
-        n2 = _fill_nonpositive(acc, K - n, hs2, hi2)
+    if n < K:  # rare: fewer than K items score > 0; rebuild the scores block by block to rank the rest
+        n2 = 0
+        for b in range(nb):
+            off = b * block
+            _scatter_block(qi, qv, m, bptr, b, doc, val, acc, off)
+            n2 = _fill_block(acc[:min(block, n_db - off)], off, K - n, hs2, hi2, n2)
+            _reset_block(qi, m, bptr, b, doc, acc, off)
+            if n2 < 0:
+                n2 = -n2
+                break
         _heap_drain(hs2, hi2, n2, out_s[n:], out_i[n:])
-        _reset(qi, m, ptr, doc, acc)
 
 
 @njit(parallel=True, cache=True)
-def _search_postings(sel, qi, qv, ql, ptr, doc, val, K, accs, out_i, out_s) -> None:
+def _search_postings(sel, qi, qv, ql, bptr, doc, val, n_db, K, accs, out_i, out_s) -> None:
     nt = accs.shape[0]
     for c in prange(nt):
         hs = np.empty(K, dtype=np.float32)
@@ -334,20 +367,25 @@ def _search_postings(sel, qi, qv, ql, ptr, doc, val, K, accs, out_i, out_s) -> N
         hi2 = np.empty(K, dtype=np.int64)
         for r in range(c, sel.shape[0], nt):
             q = sel[r]
-            _one_postings(qi[q], qv[q], ql[q], ptr, doc, val, accs[c], K, hs, hi, hs2, hi2, out_i[q], out_s[q])
+            _one_postings(qi[q], qv[q], ql[q], bptr, doc, val, accs[c], n_db, K, hs, hi, hs2, hi2, out_i[q],
+                          out_s[q])
 
 
 # ----------------------------------------------------------------------------- queries with hot units
 
 @njit(cache=True)
-def _uses_hot(qi, ql, hot_pos):
-    out = np.zeros(qi.shape[0], dtype=np.bool_)
+def _query_work(qi, ql, hot_pos, ptr):
+    """Per query: number of hot units, and number of postings of its cold units."""
+    n_hot = np.zeros(qi.shape[0], dtype=np.int64)
+    n_post = np.zeros(qi.shape[0], dtype=np.int64)
     for q in range(qi.shape[0]):
         for t in range(ql[q]):
-            if hot_pos[qi[q, t]] >= 0:
-                out[q] = True
-                break
-    return out
+            u = qi[q, t]
+            if hot_pos[u] >= 0:
+                n_hot[q] += 1
+            else:
+                n_post[q] += ptr[u + 1] - ptr[u]
+    return n_hot, n_post
 
 
 @njit(cache=True, nogil=True)
@@ -418,10 +456,9 @@ def _scan_tile(a, t0, K, hs, hi, n) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _tiles_chunk(qs, qi, qv, ql, hot_pos, hot, ptr, doc, val, K, T, out_i, out_s) -> None:
+def _tiles_chunk(qs, qi, qv, ql, hot_pos, hot, ptr, doc, val, n_db, K, T, out_i, out_s) -> None:
     nq = qs.shape[0]
     k = qi.shape[1]
-    n_db = hot.shape[1]
     hh = np.empty((nq, k), dtype=np.int64)
     hw = np.empty((nq, k), dtype=np.float32)
     nh = np.zeros(nq, dtype=np.int64)
@@ -451,7 +488,10 @@ def _tiles_chunk(qs, qi, qv, ql, hot_pos, hot, ptr, doc, val, K, T, out_i, out_s
         tl = min(T, n_db - t0)
         a = acc[:tl]
         for j in range(nq):
-            _hot_tile(hot, hh[j], hw[j], nh[j], t0, tl, a)
+            if nh[j] == 0:
+                a[:] = 0
+            else:
+                _hot_tile(hot, hh[j], hw[j], nh[j], t0, tl, a)
             for c in range(nc[j]):
                 cur[j, c] = _cold_tile(doc, val, cur[j, c], end[j, c], cw[j, c], t0, tl, a)
             hn[j] = _scan_tile(a, t0, K, hs[j], hi[j], hn[j])
@@ -460,9 +500,9 @@ def _tiles_chunk(qs, qi, qv, ql, hot_pos, hot, ptr, doc, val, K, T, out_i, out_s
 
 
 @njit(parallel=True, cache=True)
-def _search_tiles(sel, qi, qv, ql, hot_pos, hot, ptr, doc, val, K, T, nchunks, out_i, out_s) -> None:
+def _search_tiles(sel, qi, qv, ql, hot_pos, hot, ptr, doc, val, n_db, K, T, nchunks, out_i, out_s) -> None:
     for c in prange(nchunks):
-        _tiles_chunk(sel[c::nchunks].copy(), qi, qv, ql, hot_pos, hot, ptr, doc, val, K, T, out_i, out_s)
+        _tiles_chunk(sel[c::nchunks].copy(), qi, qv, ql, hot_pos, hot, ptr, doc, val, n_db, K, T, out_i, out_s)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -550,21 +590,29 @@ def sparse_topk_torch(queries: SparseCodes, database: SparseCodes, K: int, *, ba
     if threads is not None:
         torch.set_num_threads(threads)
     crow, col, val = _csr_arrays(database)
-    D = torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(col), torch.from_numpy(val),
-                                size=(database.n, database.hidden_size)).to(dev)
+    D = _torch_csr(crow, col, val, (database.n, database.hidden_size)).to(dev)
     out_i = np.empty((queries.n, K), dtype=np.int64)
     out_s = np.empty((queries.n, K), dtype=np.float32)
     for b0 in tqdm(range(0, queries.n, batch_size), desc="sparse kNN (torch)", unit="batch",
                    disable=not progress, mininterval=1.0):
         b1 = min(queries.n, b0 + batch_size)
         qcrow, qcol, qval = _csr_arrays(_rows(queries, b0, b1))
-        Q = torch.sparse_csr_tensor(torch.from_numpy(qcrow), torch.from_numpy(qcol), torch.from_numpy(qval),
-                                    size=(b1 - b0, queries.hidden_size)).to_dense().to(dev)
+        Q = _torch_csr(qcrow, qcol, qval, (b1 - b0, queries.hidden_size)).to_dense().to(dev)
         scores = (D @ Q.T).T
         ind, sc = topk_lowest_index(scores, K)
         out_i[b0:b1] = ind.cpu().numpy()
         out_s[b0:b1] = sc.cpu().numpy()
     return out_i, out_s
+
+
+def _torch_csr(crow: np.ndarray, col: np.ndarray, val: np.ndarray, shape: tuple[int, int]):
+    import warnings
+
+    import torch
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(col), torch.from_numpy(val),
+                                       size=shape, check_invariants=False)
 
 
 def _rows(codes: SparseCodes, start: int, stop: int) -> SparseCodes:

@@ -137,16 +137,10 @@ def random_codes(n: int, hidden: int, k: int, skew: str | float = "mild", seed: 
     return SparseCodes(indices, values.astype(value_dtype, copy=False), hidden)
 
 
-def unit_usage(codes: SparseCodes) -> np.ndarray:
-    """Fraction of rows in which each unit is active (non-zero value), `[hidden]` float64."""
-    active = codes.values != 0
-    counts = np.bincount(codes.indices[active].astype(np.int64), minlength=codes.hidden_size)
-    return counts / max(1, codes.n)
-
-
 def describe_skew(codes: SparseCodes) -> dict:
     """Summary of unit usage: share of activations on the top 1 % of units, dead units, max usage."""
-    usage = unit_usage(codes)
+    active = codes.values != 0
+    usage = np.bincount(codes.indices[active].astype(np.int64), minlength=codes.hidden_size) / max(1, codes.n)
     order = np.sort(usage)[::-1]
     n_top = max(1, int(round(_HOT_FRACTION * codes.hidden_size)))
     total = usage.sum()
