@@ -229,7 +229,8 @@ def train_main(args: argparse.Namespace) -> dict:
         if rt.is_main:
             print(f"data: {args.train_data}: {data_desc}")
             print(f"CLIP: {clip.name} ({clip.pretrained}), width {clip.embed_dim}, logit scale {clip.logit_scale:.4g}, "
-                  f"precision {args.precision} on {rt.device}")
+                  f"precision {args.precision} on {rt.device}"
+                  + ("" if rt.device.type == "cuda" else " (autocast is CUDA-only: fp32 here)"))
             print(f"model: {model_cfg}")
             print(f"train: {train_cfg}, InfoNCE on {args.csr_cl_on} with scale {logit_scale:.4g}")
             print(f"runtime: device {rt.device}, world size {rt.world_size}, {global_batch} pairs per step")
@@ -241,7 +242,8 @@ def train_main(args: argparse.Namespace) -> dict:
         if rt.is_main:
             print(f"done in {time.time() - t0:.1f}s: {summary['steps']} steps, final loss "
                   f"{summary.get('loss_total', float('nan')):.5g}, dead latents {summary.get('dead_fraction', 0):.1%}, "
-                  f"{summary.get('samples_per_s', 0):.1f} samples/s (last epoch, CLIP included)")
+                  f"{summary.get('samples_per_s', 0):.1f} samples/s (last epoch, "
+                  f"{'from the feature cache' if args.feature_cache else 'decoding and CLIP included'})")
             print(f"wrote {summary['checkpoint']} (+ {', '.join(Path(s).name for s in summary['saved'])}, last.pt, "
                   f"log.jsonl, csr.json)")
         return summary

@@ -453,8 +453,12 @@ def build_feature_cache(cache_dir: str | Path, clip: FrozenCLIP, shards: Sequenc
 def _gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
+    import warnings
+
     import torch.distributed.nn.functional as dnn
-    return torch.cat(dnn.all_gather(x), 0), dist.get_rank() * x.shape[0]
+    with warnings.catch_warnings():  # deprecated in favour of a private API; csr.losses uses it too
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(dnn.all_gather(x), 0), dist.get_rank() * x.shape[0]
 
 
 def clip_infonce(a: torch.Tensor, b: torch.Tensor, logit_scale: float) -> torch.Tensor:

@@ -4,6 +4,7 @@ Runs on real-format fixtures (Fashion-MNIST images with TEMPLATED captions) and 
 random weights (no CLIP weights are reachable here): the tests check the code path and the numbers against
 plain reference computations, not retrieval quality.
 """
+import importlib.util
 import io
 import json
 import os
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 import main_multimodal
 from csr import multimodal as mm
 from csr.checkpoint import load_model, save_checkpoint
-from csr.io import CSRError
+from csr.io import CSRError, load_codes
 from csr.knn import select_topk
 from csr.model import CSR, CSRConfig, dense_code
 from csr.train import TrainConfig
@@ -140,11 +141,12 @@ def test_clip_infonce_matches_naive_and_code_variant_matches_dense_codes():
     z = dense_code(out["idx"][:, :4], out["vals"][:, :4], 40).detach()
     assert float(t_codes["cl"].detach()) == pytest.approx(float(naive_infonce(z[:6], z[6:], 14.0)), rel=1e-5)
     t_rec = mm.multimodal_losses(out, x, cfg, 40, 14.0, "recon")
-    assert float(t_rec["cl"]) == pytest.approx(float(naive_infonce(out["recon_k"][:6], out["recon_k"][6:], 14.0)), rel=1e-5)
-    # total = reconstruction + 1/8 * 4k reconstruction + AuxK + gamma * InfoNCE
-    mse = lambda p: float(F.mse_loss(p, x))  # noqa: E731
-    assert float(t_rec["total"]) == pytest.approx(mse(out["recon_k"]) + mse(out["recon_multi"]) / 8 + float(t_rec["cl"]),
-                                                  rel=1e-5)
+    rec = out["recon_k"].detach()
+    assert float(t_rec["cl"].detach()) == pytest.approx(float(naive_infonce(rec[:6], rec[6:], 14.0)), rel=1e-5)
+    # no dead units yet, so no AuxK: total = reconstruction + 1/8 * 4k reconstruction + gamma * InfoNCE
+    mse = lambda p: float(F.mse_loss(p.detach(), x))  # noqa: E731
+    expected = mse(out["recon_k"]) + mse(out["recon_multi"]) / 8 + float(t_rec["cl"].detach())
+    assert float(t_rec["total"].detach()) == pytest.approx(expected, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- training
@@ -157,10 +159,9 @@ def test_train_two_steps_writes_checkpoint_that_eval_loads(fx, tmp_path):
     model, ckpt = load_model(ckpt_dir / "csr.pt")
     assert (model.cfg.input_dim, model.cfg.hidden_size, model.cfg.topk) == (32, 64, 4)
     assert ckpt["step"] == 2 and ckpt["clip"]["model"] == "tiny-clip" and (ckpt_dir / "epoch_1.pt").exists()
+    torch.manual_seed(0)  # --seed 0: the weights the run started from
     init = CSR(CSRConfig(input_dim=32, hidden_size=64, topk=4, auxk=16))
-    torch.manual_seed(0)
-    init = CSR(init.cfg)
-    assert not torch.equal(init.encoder.weight, model.encoder.weight)  # the optimiser moved the weights
+    assert not torch.equal(init.encoder.weight, model.encoder.weight)  # the optimiser moved them
     res = main_multimodal.main(eval_args(fx, tmp_path / "r.json", "--csr", "true", "--csr_ckpt",
                                          str(ckpt_dir / "csr.pt"), "--topk", "2", "4", dataset="mscoco_captions"))
     assert [r["active_dims"] for r in res["results"]] == [2, 4]
@@ -195,6 +196,14 @@ def test_feature_cache_equals_open_clip_on_the_shard_samples(fx, tmp_path):
     summary = main_multimodal.main(train_args(fx, tmp_path, "--feature-cache", str(tmp_path / "cache"),
                                               "--train-num-samples", "40", "--max-steps", "2"))
     assert summary["steps"] == 2
+    # the checkpoint is a plain CSR checkpoint: the inference stage encodes the cached features with it
+    spec = importlib.util.spec_from_file_location("csr_inference", ROOT / "inference" / "csr_inference.py")
+    inference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(inference)
+    inference.main(["--train_emb_path", str(tmp_path / "cache" / "image_emb.npy"), "--csr_ckpt",
+                    str(tmp_path / "run" / "csr.pt"), "--out", str(tmp_path / "codes")])
+    codes = load_codes(tmp_path / "codes" / "image_codes.npz")
+    assert (codes.n, codes.k, codes.hidden_size) == (40, 4, 64)
     with pytest.raises(CSRError, match="another run"):
         main_multimodal.main(train_args(fx, tmp_path, "--feature-cache", str(tmp_path / "cache"),
                                         "--train-num-samples", "48", "--out", str(tmp_path / "other")))
