@@ -1,0 +1,162 @@
+"""Baselines on the same frozen embeddings, each giving dense vectors that the same kNN evaluation reads:
+full-dimensional, truncation to the first d dims, PCA to d dims (fit on the train split), and an MRL adaptor.
+
+The MRL adaptor is a linear map (or a small MLP) trained on the frozen embeddings with the Matryoshka loss:
+for every nested prefix d in {8, 16, ..., D} one objective on z[:, :d], summed. Supervised (as MRL): a
+cross-entropy head per prefix (`heads="separate"`, MRL) or one head whose first d input rows serve prefix d
+(`heads="shared"`, MRL-E). Unsupervised (no labels): each prefix preserves the pairwise cosine similarities
+of the input batch (Matryoshka-Adaptor style), with a reconstruction term from the full code.
+The MRL-at-d representation is always the first d dims of one shared representation.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from csr.io import CSRError
+
+
+def truncate(x: np.ndarray, d: int) -> np.ndarray:
+    if d > x.shape[1]:
+        raise CSRError(f"cannot truncate {x.shape[1]}-d embeddings to {d} dims")
+    return np.ascontiguousarray(x[:, :d], dtype=np.float32)
+
+
+class PCA:
+    """PCA fit on the train split (centred by its mean; components from the SVD, largest variance first)."""
+
+    def __init__(self, max_dim: int):
+        self.max_dim = max_dim
+
+    def fit(self, x: np.ndarray, sample: int = 200000, seed: int = 0) -> "PCA":
+        x = np.asarray(x, dtype=np.float64)
+        if len(x) > sample:
+            x = x[np.sort(np.random.default_rng(seed).choice(len(x), sample, replace=False))]
+        self.mean = x.mean(0)
+        cov = np.cov(x - self.mean, rowvar=False)
+        evals, evecs = np.linalg.eigh(cov)
+        order = np.argsort(evals)[::-1][: self.max_dim]
+        self.components = evecs[:, order].astype(np.float32)  # [D, max_dim]
+        self.explained = evals[order] / evals.sum()
+        return self
+
+    def transform(self, x: np.ndarray, d: int, batch: int = 65536) -> np.ndarray:
+        if d > self.components.shape[1]:
+            raise CSRError(f"PCA was fit with {self.components.shape[1]} components, asked for {d}")
+        out = np.empty((len(x), d), dtype=np.float32)
+        for s in range(0, len(x), batch):
+            out[s:s + batch] = (np.asarray(x[s:s + batch], dtype=np.float32) - self.mean) @ self.components[:, :d]
+        return out
+
+
+def matryoshka_dims(full: int, start: int = 8) -> list[int]:
+    """8, 16, 32, ... up to and including `full`."""
+    dims, d = [], start
+    while d < full:
+        dims.append(d)
+        d *= 2
+    return dims + [full]
+
+
+@dataclass
+class MRLConfig:
+    out_dim: int | None = None  # D of the adaptor's output (default: input dim)
+    dims: tuple[int, ...] | None = None  # nested prefixes (default 8, 16, ..., D)
+    hidden: int = 0  # 0 = linear adaptor; >0 = one hidden layer MLP of this width
+    heads: str = "separate"  # separate (MRL) | shared (MRL-E); supervised only
+    epochs: int = 20
+    batch_size: int = 1024
+    lr: float = 1e-3
+    wd: float = 1e-5
+    seed: int = 0
+
+
+class MRLAdaptor(nn.Module):
+    """z = f(x) with nested prefixes; supervised heads per prefix when `n_classes` is given."""
+
+    def __init__(self, in_dim: int, cfg: MRLConfig, n_classes: int | None):
+        super().__init__()
+        D = cfg.out_dim or in_dim
+        self.dims = list(cfg.dims or matryoshka_dims(D))
+        if max(self.dims) != D or min(self.dims) < 1:
+            raise CSRError(f"MRL prefixes {self.dims} must lie in [1, {D}] and end at D={D}")
+        self.cfg = cfg
+        if cfg.hidden:
+            self.body = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, D))
+        else:
+            self.body = nn.Linear(in_dim, D)
+        self.n_classes = n_classes
+        if n_classes is not None:
+            if cfg.heads == "shared":
+                self.head = nn.Linear(D, n_classes)
+            elif cfg.heads == "separate":
+                self.heads = nn.ModuleList(nn.Linear(d, n_classes) for d in self.dims)
+            else:
+                raise CSRError(f"MRL heads must be separate or shared, got {cfg.heads!r}")
+        else:
+            self.decoder = nn.Linear(D, in_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def logits(self, z: torch.Tensor, d: int) -> torch.Tensor:
+        """Class logits of prefix d: shared heads use the first d input rows of the one full head."""
+        zd = z[:, :d]
+        if self.cfg.heads == "shared":
+            return F.linear(zd, self.head.weight[:, :d], self.head.bias)
+        return self.heads[self.dims.index(d)](zd)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        z = self(x)
+        if self.n_classes is not None:
+            return sum(F.cross_entropy(self.logits(z, d), y) for d in self.dims)
+        xn = F.normalize(x, dim=1)
+        target = xn @ xn.T
+        terms = [F.mse_loss(F.normalize(z[:, :d], dim=1) @ F.normalize(z[:, :d], dim=1).T, target) for d in self.dims]
+        return sum(terms) + F.mse_loss(self.decoder(z), x)
+
+
+def train_mrl(x: np.ndarray, labels: np.ndarray | None, cfg: MRLConfig, progress: bool = True,
+              device: str = "cpu") -> MRLAdaptor:
+    """Train the adaptor on frozen embeddings; `labels=None` selects the unsupervised objective."""
+    torch.manual_seed(cfg.seed)
+    xt = torch.from_numpy(np.array(x, dtype=np.float32))
+    n_classes = int(labels.max()) + 1 if labels is not None else None
+    yt = torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None
+    model = MRLAdaptor(xt.shape[1], cfg, n_classes).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
+    steps = cfg.epochs * ((len(xt) + cfg.batch_size - 1) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+    g = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    bar = tqdm(range(cfg.epochs), desc="MRL adaptor", disable=not progress, leave=False)
+    for _ in bar:
+        perm = torch.randperm(len(xt), generator=g)
+        for s in range(0, len(xt), cfg.batch_size):
+            rows = perm[s:s + cfg.batch_size]
+            loss = model.loss(xt[rows].to(device), yt[rows].to(device) if yt is not None else None)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
+    return model.eval()
+
+
+@torch.no_grad()
+def mrl_transform(model: MRLAdaptor, x: np.ndarray, d: int, batch: int = 65536) -> np.ndarray:
+    """The MRL-at-d representation: the first d dims of the adaptor's output."""
+    out = np.empty((len(x), d), dtype=np.float32)
+    dev = next(model.parameters()).device
+    for s in range(0, len(x), batch):
+        out[s:s + batch] = model(torch.from_numpy(np.array(x[s:s + batch], dtype=np.float32)).to(dev))[:, :d].cpu().numpy()
+    return out
+
+
+def mrl_config_dict(cfg: MRLConfig) -> dict:
+    return asdict(cfg)

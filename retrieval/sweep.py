@@ -1,0 +1,117 @@
+"""CSR vs Matryoshka-style baselines across sparsity levels: the paper's Table-4 experiment on any embeddings.
+
+Built-in data (what `make demo` runs after extracting Fashion-MNIST EfficientNet-Lite0 embeddings):
+    python retrieval/sweep.py --train-emb .cache/fmnist/emb/train_emb.npy --eval-emb .cache/fmnist/emb/val_emb.npy \
+        --name fmnist_effnetlite0
+ImageNet-1k (embeddings from inference/pretrained_embeddings.py):
+    python retrieval/sweep.py --train-emb in1k/train_emb.npy --eval-emb in1k/val_emb.npy --name in1k_resnet50d \
+        --hidden-size 8192
+
+For each k in --ks it trains one CSR model (as the paper does) and evaluates exact 1-NN top-1 and mAP@10 with
+the sparse engine; every baseline runs at the same dims: truncation, PCA (fit on train), the MRL adaptor
+(Matryoshka loss on the frozen embeddings; supervised with labels unless --mrl-unsupervised) and the full
+embedding. `--ablation-k` adds CSR variants at one k: contrastive term none/self/label and --recon-loss nmse.
+Writes results/<name>/{table.md, results.json, accuracy_vs_dims.png}, models under results/<name>/models and
+one JSON per finished part under results/<name>/parts (a re-run skips them unless --force).
+CSR flags (--epochs, --batch-size, --lr, --cl, ...) default to the paper's recipe; --topk is ignored (use --ks).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from csr.baselines import MRLConfig  # noqa: E402
+from csr.cli import add_train_args, bool_flag, configs_from_args, run  # noqa: E402
+from csr.io import labels_path_for, load_embeddings, load_labels, read_sidecar  # noqa: E402
+from csr.sweep import Sweep, write_report  # noqa: E402
+
+ABLATIONS = {"cl=none": dict(cl="none"), "cl=self (paper)": dict(cl="self"), "cl=label": dict(cl="label"),
+             "cl=self, recon=nmse": dict(cl="self", recon_loss="nmse")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--train-emb", "--train_emb", required=True, help="database split embeddings .npy (+ labels beside)")
+    d.add_argument("--eval-emb", "--eval_emb", required=True, help="query split embeddings .npy (+ labels beside)")
+    d.add_argument("--name", default=None, help="results/<name> (default: the embeddings' folder name)")
+    d.add_argument("--out", default=None, help="output directory (default results/<name>)")
+    d.add_argument("--header", default=None, help="table title (default: built from the embeddings' sidecar)")
+    s = p.add_argument_group("sweep")
+    s.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256], help="active dims to compare")
+    s.add_argument("--methods", nargs="+", default=["csr", "mrl", "pca", "trunc", "full"],
+                   choices=["csr", "csr_one", "mrl", "pca", "trunc", "full"], help="methods to run")
+    s.add_argument("--one-model-k", type=int, default=0,
+                   help="with method csr_one: train ONE CSR at this k and evaluate it at every k in --ks")
+    s.add_argument("--ablation-k", type=int, default=32, help="k of the ablation (0 = no ablation)")
+    s.add_argument("--mrl-epochs", type=int, default=20, help="MRL adaptor epochs")
+    s.add_argument("--mrl-heads", default="separate", choices=["separate", "shared"], help="MRL (separate) or MRL-E")
+    bool_flag(s, "--mrl-unsupervised", default=False, help="train the MRL adaptor without labels")
+    bool_flag(s, "--force", default=False, help="recompute finished parts")
+    add_train_args(p)
+    return p
+
+
+def main(argv=None) -> str:
+    args = build_parser().parse_args(argv)
+    t_start = time.time()
+    xtr, xte = load_embeddings(args.train_emb), load_embeddings(args.eval_emb)
+    ytr = load_labels(labels_path_for(args.train_emb), len(xtr))
+    yte = load_labels(labels_path_for(args.eval_emb), len(xte))
+    name = args.name or Path(args.train_emb).resolve().parent.name
+    out = Path(args.out or Path("results") / name)
+    meta = read_sidecar(args.train_emb)
+    header = args.header or (f"{name}: {meta.get('model_name', 'embeddings')} d={xtr.shape[1]}, "
+                             f"database {len(xtr)} / queries {len(xte)}")
+    model_cfg, train_cfg = configs_from_args(args, xtr.shape[1])
+    print(f"sweep {name}: ks {args.ks}, methods {args.methods}\n  CSR {model_cfg}\n  {train_cfg}")
+    sw = Sweep(out, xtr, ytr, xte, yte, force=args.force)
+    parts, stage_seconds = [], {}
+
+    def timed(stage, fn):
+        t0 = time.time()
+        r = fn()
+        stage_seconds[stage] = stage_seconds.get(stage, 0.0) + (0.0 if r.get("cached") else time.time() - t0)
+        return r
+
+    if "full" in args.methods:
+        parts.append(timed("full", sw.full))
+    mrl_cfg = MRLConfig(epochs=args.mrl_epochs, heads=args.mrl_heads, seed=args.seed)
+    for k in args.ks:
+        if "trunc" in args.methods:
+            parts.append(timed("trunc", lambda: sw.trunc(k)))
+        if "pca" in args.methods:
+            parts.append(timed("pca", lambda: sw.pca(k)))
+        if "mrl" in args.methods:
+            parts.append(timed("mrl", lambda: sw.mrl(k, mrl_cfg, supervised=not args.mrl_unsupervised)))
+        if "csr" in args.methods:
+            parts.append(timed("csr", lambda: sw.csr(k, model_cfg, train_cfg)))
+        if "csr_one" in args.methods and args.one_model_k:
+            r = timed("csr_one", lambda: sw.csr(args.one_model_k, model_cfg, train_cfg, eval_k=k))
+            parts.append({**r, "row": "csr_one"})
+    ablation = []
+    if args.ablation_k:
+        for variant, change in ABLATIONS.items():
+            tcfg = replace(train_cfg, **change)
+            tag = f"ablation_k{args.ablation_k}_" + "_".join(f"{a}-{b}" for a, b in change.items())
+            if tcfg == train_cfg:  # the main run at this k is this variant: reuse it
+                tag = f"csr_k{args.ablation_k}"
+            r = timed("ablation", lambda: sw.csr(args.ablation_k, model_cfg, tcfg, tag=tag))
+            ablation.append({**r, "variant": variant})
+    meta_out = {"name": name, "train_emb": args.train_emb, "eval_emb": args.eval_emb, "ks": args.ks,
+                "embedding_meta": meta, "stage_seconds": stage_seconds, "wall_seconds": time.time() - t_start,
+                "command": " ".join(sys.argv)}
+    table = write_report(out, parts, ablation, args.ks, header, meta_out)
+    print()
+    print(table)
+    print("stage wall-clock (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stage_seconds.items()))
+    print(f"wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'accuracy_vs_dims.png'}")
+    return table
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,91 @@
+"""Baselines (truncation, PCA, MRL adaptor) and the sweep on real Fashion-MNIST pixels."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from csr.baselines import PCA, MRLAdaptor, MRLConfig, matryoshka_dims, mrl_transform, train_mrl, truncate
+from csr.fashion_mnist import DEFAULT_SOURCE, load_split
+from csr.knn import search
+from csr.metrics import retrieval_metrics
+from retrieval import sweep
+
+
+@pytest.fixture(scope="module")
+def pixels(tmp_path_factory):
+    d = tmp_path_factory.mktemp("px")
+    out = {}
+    for split, n in (("train", 2000), ("val", 500)):
+        x, y = load_split(DEFAULT_SOURCE, split)
+        x = (x[:n].reshape(n, -1) / 255.0).astype(np.float32)
+        np.save(d / f"{split}_emb.npy", x)
+        np.save(d / f"{split}_labels.npy", y[:n])
+        out[split] = (x, y[:n])
+    out["dir"] = d
+    return out
+
+
+def one_nn(xtr, ytr, xte, yte):
+    idx, _ = search(xte, xtr, 1, backend="faiss", progress=False)
+    return retrieval_metrics(idx, ytr, yte, ())["top1"]
+
+
+def test_matryoshka_dims():
+    assert matryoshka_dims(1280) == [8, 16, 32, 64, 128, 256, 512, 1024, 1280]
+    assert matryoshka_dims(64) == [8, 16, 32, 64]
+
+
+def test_shared_prefix_head_equals_full_head_truncated():
+    torch.manual_seed(0)
+    m = MRLAdaptor(20, MRLConfig(out_dim=32, dims=(8, 16, 32), heads="shared"), n_classes=5)
+    x = torch.randn(7, 20)
+    z = m(x)
+    for d in (8, 16):
+        zt = torch.cat([z[:, :d], torch.zeros(7, 32 - d)], 1)  # the full head applied to the truncated code
+        assert torch.allclose(m.logits(z, d), m.head(zt), atol=1e-6)
+    assert torch.allclose(m.logits(z, 32), m.head(z), atol=1e-6)
+    # every prefix representation is the first d dims of one shared representation
+    assert torch.equal(torch.from_numpy(mrl_transform(m, x.numpy(), 8)), z[:, :8].detach())
+
+
+def test_pca_orders_components_by_variance(pixels):
+    xtr, _ = pixels["train"]
+    p = PCA(64).fit(xtr)
+    assert np.all(np.diff(p.explained) <= 1e-12)
+    z = p.transform(xtr, 16)
+    var = z.var(0)
+    assert np.all(var[:-1] >= var[1:] - 1e-4) and np.allclose(z.mean(0), 0, atol=1e-3)
+
+
+def test_mrl_adaptor_beats_truncation_at_prefix_8(pixels):
+    (xtr, ytr), (xte, yte) = pixels["train"], pixels["val"]
+    base = one_nn(truncate(xtr, 8), ytr, truncate(xte, 8), yte)
+    model = train_mrl(xtr, ytr, MRLConfig(epochs=15, batch_size=256), progress=False)
+    sup = one_nn(mrl_transform(model, xtr, 8), ytr, mrl_transform(model, xte, 8), yte)
+    unsup_model = train_mrl(xtr, None, MRLConfig(epochs=15, batch_size=256), progress=False)
+    unsup = one_nn(mrl_transform(unsup_model, xtr, 8), ytr, mrl_transform(unsup_model, xte, 8), yte)
+    assert sup > base + 20 and unsup > base + 20, (base, sup, unsup)
+
+
+def test_sweep_writes_consistent_table_json_png_and_reuses_parts(pixels, tmp_path, capsys):
+    d = pixels["dir"]
+    argv = ["--train-emb", str(d / "train_emb.npy"), "--eval-emb", str(d / "val_emb.npy"), "--out", str(tmp_path),
+            "--ks", "8", "16", "--methods", "csr", "pca", "trunc", "full", "--epochs", "3", "--batch-size", "256",
+            "--hidden-size", "512", "--auxk", "64", "--ablation-k", "8"]
+    table = sweep.main(argv)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "accuracy_vs_dims.png").stat().st_size > 5000
+    assert (tmp_path / "table.md").read_text() == table
+    parts = {p["key"]: p for p in res["parts"]}
+    assert set(parts) == {"full", "trunc_8", "trunc_16", "pca_8", "pca_16", "csr_k8", "csr_k16"}
+    for key, p in parts.items():  # the table shows exactly the numbers in the JSON
+        assert f"{p['top1']:.2f}" in table, key
+    assert 0 <= parts["csr_k8"]["dead_fraction"] <= 1 and parts["csr_k8"]["steps"] == 24
+    assert {a["variant"] for a in res["ablation"]} == set(sweep.ABLATIONS)
+    assert parts["csr_k16"]["top1"] > parts["trunc_16"]["top1"]
+    mtime = (tmp_path / "parts" / "csr_k8.json").stat().st_mtime_ns
+    capsys.readouterr()
+    again = sweep.main(argv)
+    assert again == table and (tmp_path / "parts" / "csr_k8.json").stat().st_mtime_ns == mtime
+    assert "csr_k8: top1" not in capsys.readouterr().out  # nothing recomputed
