@@ -477,18 +477,24 @@ def clip_infonce(a: torch.Tensor, b: torch.Tensor, logit_scale: float) -> torch.
 
 def multimodal_losses(out: dict[str, torch.Tensor], x: torch.Tensor, cfg: TrainConfig, hidden: int,
                       logit_scale: float, cl_on: str = "recon", distributed: bool = False) -> dict[str, torch.Tensor]:
-    """Loss terms of one step on `x = [image rows; text rows]` (2B rows, one shared CSR pass)."""
+    """Loss terms of one step on `x = [image rows; text rows]` (2B rows, one shared CSR pass).
+
+    The InfoNCE logits are computed in float32 even under autocast: at CLIP's logit scale (100) bfloat16
+    would resolve logits only to ~0.5.
+    """
     terms = step_losses(out, x, replace(cfg, cl="none"), hidden, None, distributed)
     half = x.shape[0] // 2
-    if cl_on == "recon":
-        rec = out["recon_k"]
-        terms["cl"] = clip_infonce(rec[:half], rec[half:], logit_scale)
-    elif cl_on == "codes":
-        k = int(out["k"])
-        idx, vals = out["idx"][:, :k], out["vals"][:, :k]
-        terms["cl"] = L.pair_contrastive(idx[:half], vals[:half], idx[half:], vals[half:], hidden, 1.0 / logit_scale)
-    else:
-        raise CSRError(f"--csr-cl-on must be recon or codes, got {cl_on!r}")
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if cl_on == "recon":
+            rec = out["recon_k"].float()
+            terms["cl"] = clip_infonce(rec[:half], rec[half:], logit_scale)
+        elif cl_on == "codes":
+            k = int(out["k"])
+            idx, vals = out["idx"][:, :k], out["vals"][:, :k].float()
+            terms["cl"] = L.pair_contrastive(idx[:half], vals[:half], idx[half:], vals[half:], hidden,
+                                             1.0 / logit_scale)
+        else:
+            raise CSRError(f"--csr-cl-on must be recon or codes, got {cl_on!r}")
     terms["total"] = terms["total"] + cfg.cl_coef * terms["cl"]
     return terms
 

@@ -116,6 +116,53 @@ def test_eval_csr_false_equals_plain_clip_cosine(fx, tmp_path):
     assert got == pytest.approx(expected, abs=1e-9)
 
 
+# ----------------------------------------------------------------------------- webdataset stream
+
+def write_numbered_shards(root: Path, n_shards: int = 4, per_shard: int = 10) -> list[str]:
+    """Shards whose captions name their sample (`s17`); sample 3 of shard 0 has no caption."""
+    import webdataset as wds
+    from csr.fixtures import jpeg_bytes
+    img = jpeg_bytes(np.zeros((4, 4), np.uint8))
+    paths = []
+    for s in range(n_shards):
+        paths.append(str(root / f"n-{s}.tar"))
+        with wds.TarWriter(paths[-1]) as tw:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                tw.write({"__key__": f"{i:06d}", "jpg": img, **({} if i == 3 else {"txt": f"s{i}"})})
+    return paths
+
+
+def stream_captions(stream) -> list[list[str]]:
+    return [caps for _, caps, _ in stream]
+
+
+def test_shard_stream_partitions_shuffles_and_fills_epochs(tmp_path):
+    shards = write_numbered_shards(tmp_path)
+    pre = lambda im: torch.zeros(1)  # noqa: E731
+    tok = lambda caps: list(caps)  # noqa: E731
+    # one pass (feature caching): the two ranks read disjoint shards that cover every valid sample once
+    seen = []
+    for rank in (0, 1):
+        st = mm.ShardStream(shards, pre, tok, 4, rank, 2, batches_per_worker=None, shuffle=False)
+        seen.append([c for b in stream_captions(st) for c in b])
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(f"s{i}" for i in range(40) if i != 3)
+    # training: exactly batches_per_worker full batches per epoch (shards are re-read past one pass),
+    # a different order in each epoch, the caption-less sample skipped and counted
+    st = mm.ShardStream(shards, pre, tok, 8, 0, 1, batches_per_worker=7, shuffle=True, buffer=16, seed=1)
+    e0 = stream_captions(st)
+    skipped = sum(sk for _, _, sk in st)
+    st.epoch = 1
+    e1 = stream_captions(st)
+    assert len(e0) == len(e1) == 7 and all(len(b) == 8 for b in e0 + e1)
+    first = [int(c[1:]) for b in e0[:4] for c in b]
+    assert e0 != e1 and first != sorted(first)  # shuffled within an epoch and between epochs
+    assert "s3" not in {c for b in e0 + e1 for c in b} and skipped >= 1
+    # more readers than shards: refused up front instead of leaving a reader without data
+    with pytest.raises(CSRError, match="4 shards but 2 rank.*3 worker"):
+        mm.check_readers(len(shards), 2, 3, resampled=False)
+
+
 # ----------------------------------------------------------------------------- losses
 
 def naive_infonce(a, b, scale):
@@ -143,6 +190,10 @@ def test_clip_infonce_matches_naive_and_code_variant_matches_dense_codes():
     t_rec = mm.multimodal_losses(out, x, cfg, 40, 14.0, "recon")
     rec = out["recon_k"].detach()
     assert float(t_rec["cl"].detach()) == pytest.approx(float(naive_infonce(rec[:6], rec[6:], 14.0)), rel=1e-5)
+    # under bfloat16 autocast the InfoNCE stays float32 (at logit scale 100 bf16 logits are off by ~0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t_amp = mm.multimodal_losses(out, x, cfg, 40, 100.0, "recon")
+    assert float(t_amp["cl"].detach()) == pytest.approx(float(naive_infonce(rec[:6], rec[6:], 100.0)), rel=1e-5)
     # no dead units yet, so no AuxK: total = reconstruction + 1/8 * 4k reconstruction + gamma * InfoNCE
     mse = lambda p: float(F.mse_loss(p.detach(), x))  # noqa: E731
     expected = mse(out["recon_k"]) + mse(out["recon_multi"]) / 8 + float(t_rec["cl"].detach())
