@@ -35,12 +35,12 @@ from csr.io import CSRError, SparseCodes, validate_codes
 
 HOT_FRACTION = 0.05  # a unit used by >= 5 % of the database goes into the dense block
 MAX_HOT = 256  # at most this many dense rows
-TILE = 4096  # items per tile in the tiled path (a tile of hot rows stays in L2, the accumulator in L1)
+# items per tile in the tiled path: the tile of all hot rows should stay in L2 (about 1 MB), 4096..32768 items
+TILE_BYTES, TILE_MIN, TILE_MAX = 1 << 20, 4096, 32768
 BLOCK = 65536  # items per accumulator block in the postings path (the accumulator stays in L2)
 # A query without hot units takes the tiled path when its postings exceed this many per database item: one
 # pass over its postings plus a scan of every item then costs less than two passes over its postings.
 TILED_POSTINGS_PER_ITEM = 0.05
-_GROUP = 4  # hot rows summed per pass over a tile
 
 
 # ----------------------------------------------------------------------------- row canonicalisation
@@ -157,12 +157,15 @@ class SparseIndex:
                                       self.bptr))
 
     def search(self, queries: SparseCodes, K: int, *, batch_size: int = 512, threads: int | None = None,
-               progress: bool = True, tile: int = TILE,
+               progress: bool = True, tile: int | None = None,
                tiled_postings_per_item: float = TILED_POSTINGS_PER_ITEM) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-K of `queries` against this index: `(indices int64 [Nq,K], scores float32 [Nq,K])`.
 
         `tile` and `tiled_postings_per_item` (see the module constants) only change speed, never the result."""
         check_pair(queries, self.hidden_size, self.n, K)
+        if tile is None:
+            fit = TILE_BYTES // (4 * max(1, self.hot_units.size))
+            tile = min(TILE_MAX, max(TILE_MIN, 1 << (fit.bit_length() - 1)))
         if batch_size < 1:
             raise CSRError(f"batch_size must be >= 1, got {batch_size}")
         with _num_threads(threads) as nt:
@@ -389,8 +392,40 @@ def _query_work(qi, ql, hot_pos, ptr):
 
 
 @njit(cache=True, nogil=True)
-def _hot_group(a, r0, r1, r2, r3, w0, w1, w2, w3, init) -> None:
-    """a (+)= w0*r0 + w1*r1 + w2*r2 + w3*r3 over the tile (vectorised; rows may repeat with weight 0)."""
+def _hot_rows(a, hot, hh, hw, g, m, t0, t1, init) -> None:
+    """a (+)= sum of the m <= 4 weighted hot rows hh[g:g+m] over items [t0, t1) (one vectorised pass)."""
+    r0 = hot[hh[g], t0:t1]
+    w0 = hw[g]
+    if m == 1:
+        if init:
+            for i in range(a.shape[0]):
+                a[i] = w0 * r0[i]
+        else:
+            for i in range(a.shape[0]):
+                a[i] += w0 * r0[i]
+        return
+    r1 = hot[hh[g + 1], t0:t1]
+    w1 = hw[g + 1]
+    if m == 2:
+        if init:
+            for i in range(a.shape[0]):
+                a[i] = w0 * r0[i] + w1 * r1[i]
+        else:
+            for i in range(a.shape[0]):
+                a[i] += w0 * r0[i] + w1 * r1[i]
+        return
+    r2 = hot[hh[g + 2], t0:t1]
+    w2 = hw[g + 2]
+    if m == 3:
+        if init:
+            for i in range(a.shape[0]):
+                a[i] = (w0 * r0[i] + w1 * r1[i]) + w2 * r2[i]
+        else:
+            for i in range(a.shape[0]):
+                a[i] += (w0 * r0[i] + w1 * r1[i]) + w2 * r2[i]
+        return
+    r3 = hot[hh[g + 3], t0:t1]
+    w3 = hw[g + 3]
     if init:
         for i in range(a.shape[0]):
             a[i] = (w0 * r0[i] + w1 * r1[i]) + (w2 * r2[i] + w3 * r3[i])
@@ -401,18 +436,9 @@ def _hot_group(a, r0, r1, r2, r3, w0, w1, w2, w3, init) -> None:
 
 @njit(cache=True, nogil=True)
 def _hot_tile(hot, hh, hw, nh, t0, tl, a) -> None:
-    """Sum the query's hot rows (groups of four, zero-weight padding) into the tile accumulator `a`."""
-    zero = np.float32(0.0)
-    for g in range(0, nh, _GROUP):
-        r0 = hh[g]
-        r1 = hh[g + 1] if g + 1 < nh else r0
-        r2 = hh[g + 2] if g + 2 < nh else r0
-        r3 = hh[g + 3] if g + 3 < nh else r0
-        w1 = hw[g + 1] if g + 1 < nh else zero
-        w2 = hw[g + 2] if g + 2 < nh else zero
-        w3 = hw[g + 3] if g + 3 < nh else zero
-        _hot_group(a, hot[r0, t0:t0 + tl], hot[r1, t0:t0 + tl], hot[r2, t0:t0 + tl], hot[r3, t0:t0 + tl],
-                   hw[g], w1, w2, w3, g == 0)
+    """Sum the query's hot rows into the tile accumulator `a`, four rows per pass over the tile."""
+    for g in range(0, nh, 4):
+        _hot_rows(a, hot, hh, hw, g, min(4, nh - g), t0, t0 + tl, g == 0)
 
 
 @njit(cache=True, nogil=True)
@@ -549,60 +575,91 @@ def sparse_topk(queries: SparseCodes, database: SparseCodes, K: int, *, batch_si
 
 # ----------------------------------------------------------------------------- torch sparse path (GPU)
 
-def _csr_arrays(codes: SparseCodes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def normalized_csr(codes: SparseCodes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Normalised codes as CSR (crow int64, col int64, val float32) with columns sorted within rows."""
     idx, val, ln = normalized_rows(codes)
-    mask = np.arange(idx.shape[1])[None, :] < ln[:, None]
-    rows = np.repeat(np.arange(codes.n), ln)
-    col = idx[mask].astype(np.int64)
-    v = val[mask]
-    order = np.lexsort((col, rows))
+    valid = np.arange(idx.shape[1])[None, :] < ln[:, None]
+    order = np.argsort(np.where(valid, idx, codes.hidden_size), axis=1)  # padding sorts last
+    idx, val = np.take_along_axis(idx, order, 1), np.take_along_axis(val, order, 1)
     crow = np.zeros(codes.n + 1, dtype=np.int64)
     np.cumsum(ln, out=crow[1:])
-    return crow, col[order], v[order]
+    return crow, idx[valid].astype(np.int64), val[valid]
 
 
 def topk_lowest_index(scores, K: int):
-    """Torch top-K along dim 1 with ties broken by lowest column index; returns (indices, scores) best first."""
+    """Torch top-K along dim 1 with ties broken by lowest column index; returns (indices, scores) best first.
+
+    `torch.topk` picks arbitrary columns among scores tied with the K-th; only rows where such a tie reaches
+    past rank K are redone exactly (all columns above the K-th score, then the lowest tied columns)."""
     import torch
-    kth = torch.topk(scores, K, dim=1, sorted=True).values[:, K - 1:K]
-    above = scores > kth
-    need = K - above.sum(dim=1, keepdim=True)
-    tie = scores == kth
-    take = above | (tie & (torch.cumsum(tie, dim=1, dtype=torch.int32) <= need))
-    cols = take.nonzero()[:, 1].view(scores.shape[0], K)  # row-major: columns ascending within a row
+    vals, cols = torch.topk(scores, K, dim=1, sorted=False)
+    kth = vals.min(dim=1, keepdim=True).values
+    tied_rows = ((scores >= kth).sum(dim=1) != K).nonzero()[:, 0]
+    if tied_rows.numel():
+        sub, kt = scores[tied_rows], kth[tied_rows]
+        above = sub > kt
+        tie = sub == kt
+        need = K - above.sum(dim=1, keepdim=True)
+        take = above | (tie & (torch.cumsum(tie, dim=1, dtype=torch.int32) <= need))
+        cols[tied_rows] = take.nonzero()[:, 1].view(-1, K)  # row-major: columns ascending within a row
+    cols = torch.sort(cols, dim=1).values
     vals = scores.gather(1, cols)
     order = torch.sort(vals, dim=1, descending=True, stable=True).indices
     return cols.gather(1, order), vals.gather(1, order)
 
 
+class TorchSparseIndex:
+    """Normalised database codes as a torch sparse CSR tensor on `device`; `search` scores one dense query batch
+    at a time with `D @ Q^T` (cuSPARSE SpMM on CUDA) and selects the exact top-K with lowest-index ties."""
+
+    def __init__(self, database: SparseCodes, device: str | None = None):
+        import torch
+        if not isinstance(database, SparseCodes):
+            raise CSRError(f"database must be SparseCodes, got {type(database).__name__}")
+        validate_codes(database.indices, database.values, database.hidden_size, "database codes")
+        self.n, self.hidden_size = database.n, database.hidden_size
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        crow, col, val = normalized_csr(database)
+        self.matrix = _torch_csr(crow, col, val, (database.n, database.hidden_size)).to(self.device)
+
+    def query_tensor(self, queries: SparseCodes):
+        """Normalised query codes as a dense `[B, hidden]` float32 tensor on the device."""
+        qcrow, qcol, qval = normalized_csr(queries)
+        return _torch_csr(qcrow, qcol, qval, (queries.n, queries.hidden_size)).to_dense().to(self.device)
+
+    def search_tensor(self, Q, K: int):
+        """Top-K for a dense normalised query block on the device: `(indices [B, K], scores [B, K])` tensors."""
+        return topk_lowest_index((self.matrix @ Q.T.contiguous()).T, K)
+
+    def search_batch(self, queries: SparseCodes, K: int):
+        return self.search_tensor(self.query_tensor(queries), K)
+
+    def search(self, queries: SparseCodes, K: int, *, batch_size: int = 512,
+               progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        check_pair(queries, self.hidden_size, self.n, K)
+        out_i = np.empty((queries.n, K), dtype=np.int64)
+        out_s = np.empty((queries.n, K), dtype=np.float32)
+        for b0 in tqdm(range(0, queries.n, batch_size), desc="sparse kNN (torch)", unit="batch",
+                       disable=not progress, mininterval=1.0):
+            b1 = min(queries.n, b0 + batch_size)
+            ind, sc = self.search_batch(_rows(queries, b0, b1), K)
+            out_i[b0:b1] = ind.cpu().numpy()
+            out_s[b0:b1] = sc.cpu().numpy()
+        return out_i, out_s
+
+
 def sparse_topk_torch(queries: SparseCodes, database: SparseCodes, K: int, *, batch_size: int = 512,
                       device: str | None = None, threads: int | None = None,
                       progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Same contract as `sparse_topk`, computed with torch: database as a sparse CSR tensor, each query batch
-    dense, scores `D @ Q^T` (cuSPARSE SpMM on CUDA), exact top-K with lowest-index ties. Default device: CUDA
-    if available, else CPU (CPU holds a dense [batch, N] score block: keep batch_size small there)."""
+    """Same contract as `sparse_topk`, computed with torch (see `TorchSparseIndex`). Default device: CUDA if
+    available, else CPU (which holds a dense [batch, N] score block: keep batch_size small there)."""
     import torch
     if not isinstance(database, SparseCodes):
         raise CSRError(f"database must be SparseCodes, got {type(database).__name__}")
     check_pair(queries, database.hidden_size, database.n, K)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if threads is not None:
         torch.set_num_threads(threads)
-    crow, col, val = _csr_arrays(database)
-    D = _torch_csr(crow, col, val, (database.n, database.hidden_size)).to(dev)
-    out_i = np.empty((queries.n, K), dtype=np.int64)
-    out_s = np.empty((queries.n, K), dtype=np.float32)
-    for b0 in tqdm(range(0, queries.n, batch_size), desc="sparse kNN (torch)", unit="batch",
-                   disable=not progress, mininterval=1.0):
-        b1 = min(queries.n, b0 + batch_size)
-        qcrow, qcol, qval = _csr_arrays(_rows(queries, b0, b1))
-        Q = _torch_csr(qcrow, qcol, qval, (b1 - b0, queries.hidden_size)).to_dense().to(dev)
-        scores = (D @ Q.T).T
-        ind, sc = topk_lowest_index(scores, K)
-        out_i[b0:b1] = ind.cpu().numpy()
-        out_s[b0:b1] = sc.cpu().numpy()
-    return out_i, out_s
+    return TorchSparseIndex(database, device).search(queries, K, batch_size=batch_size, progress=progress)
 
 
 def _torch_csr(crow: np.ndarray, col: np.ndarray, val: np.ndarray, shape: tuple[int, int]):
