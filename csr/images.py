@@ -234,6 +234,22 @@ class FFCVSource:
 
 
 _DECODER_CLASS: Any = None
+_COMPILED: list[Any] = []  # FFCV's per-Loader imdecode dispatchers, kept alive (see _jpeg_decoder)
+
+
+def _jpeg_decoder():
+    """FFCV's JPEG decoder, compiled afresh for each Loader as FFCV itself does.
+
+    With numba 0.68 a dispatcher that calls FFCV's ctypes `imdecode` ends up with a corrupt overload table
+    after a Loader has used it: reusing it in a second Loader kills that Loader's thread (and FFCV then waits
+    forever), and garbage-collecting it prints a KeyError from numba's finalizer. So every Loader gets its
+    own, and the used ones are kept (a few kB of machine code each) rather than collected.
+    """
+    from ffcv.libffcv import imdecode
+    from ffcv.pipeline.compiler import Compiler
+    fn = Compiler.compile(imdecode)
+    _COMPILED.append(fn)
+    return fn
 
 
 def timm_center_crop_decoder(size: int, resize: int):
@@ -241,7 +257,6 @@ def timm_center_crop_decoder(size: int, resize: int):
     global _DECODER_CLASS
     if _DECODER_CLASS is None:
         from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
-        from ffcv.libffcv import imdecode
         from ffcv.pipeline.compiler import Compiler
 
         from csr.resample import resize_center_crop
@@ -261,7 +276,7 @@ def timm_center_crop_decoder(size: int, resize: int):
                 jpg = IMAGE_MODES["jpg"]
                 mem_read = self.memory_read
                 my_range = Compiler.get_iterator()
-                imdecode_c = Compiler.compile(imdecode)
+                imdecode_c = _jpeg_decoder()
                 resize = self.resize
                 kernel = resize_center_crop
 
