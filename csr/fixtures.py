@@ -11,6 +11,8 @@ Layout written under OUT (built in a temporary directory and renamed into place)
     OUT/flickr30k/flickr30k-images/%010d.jpg + OUT/flickr30k/dataset_flickr30k.json
                                            (Karpathy's format: images with split and 5 sentences each)
     OUT/tiny-clip.json, OUT/tiny-clip-random.pt  a tiny open_clip architecture and random weights for it
+    OUT/tiny-clip-fmnist.pt                (optional, `train_tiny_clip`) that CLIP trained on the shards, so that
+                                           the demo's retrieval numbers are above chance
     OUT/fixtures.json                      what was written, and the note that captions are templated
 Train shards come from the Fashion-MNIST training file, the retrieval sets from the test file (disjoint).
 """
@@ -130,8 +132,59 @@ def write_tiny_clip(out: Path, seed: int = 0) -> tuple[Path, Path]:
     return cfg, weights
 
 
-def build_fixtures(out: str | os.PathLike, n_train: int = 256, per_shard: int = 64, n_eval: int = 100,
-                   source: str | os.PathLike = DEFAULT_SOURCE, seed: int = 0, overwrite: bool = False) -> dict[str, Any]:
+def train_tiny_clip(fixtures: str | os.PathLike, steps: int = 300, batch_size: int = 128, lr: float = 1e-3,
+                    workers: int = 1, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Train the tiny CLIP from its random weights on the fixture shards with open_clip's contrastive loss.
+
+    With no CLIP weights reachable, this gives the demo a CLIP whose towers agree (on templated captions), so
+    retrieval numbers mean something. Writes `tiny-clip-fmnist.pt` beside the random weights; returns a summary.
+    """
+    import time
+
+    import open_clip
+    import torch
+    from tqdm import tqdm
+
+    from csr.io import atomic_path
+    from csr.multimodal import ShardStream, expand_shards, load_clip, shard_loader
+    root = Path(fixtures)
+    manifest = json.loads((root / "fixtures.json").read_text())
+    clip = load_clip(str(root / "tiny-clip.json"), str(root / "tiny-clip-random.pt"), "cpu", "fp32", seed=seed)
+    model = clip.model.train().requires_grad_(True)
+    shards = expand_shards(str(root / "shards" / Path(manifest["train_data"]).name))
+    stream = ShardStream(shards, clip.preprocess, clip.tokenizer, batch_size,
+                         batches_per_worker=-(-steps // max(1, workers)), shuffle=True, seed=seed)
+    loss_fn = open_clip.ClipLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    torch.manual_seed(seed)
+    t0, losses = time.time(), []
+    bar = tqdm(total=steps, desc="tiny CLIP", disable=not progress, leave=False)
+    for images, tokens, _ in shard_loader(stream, workers, False):
+        image_f, text_f, scale = model(images, tokens)
+        loss = loss_fn(image_f, text_f, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if len(losses) >= steps:
+            break
+    bar.close()
+    out = root / "tiny-clip-fmnist.pt"
+    with atomic_path(out, suffix=".tmp.pt") as tmp:
+        torch.save(model.state_dict(), tmp)
+    summary = {"weights": str(out), "steps": len(losses), "batch_size": batch_size, "lr": lr,
+               "first_loss": losses[0], "last_loss": sum(losses[-20:]) / len(losses[-20:]),
+               "seconds": round(time.time() - t0, 1)}
+    manifest["trained_clip"] = summary
+    (root / "fixtures.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return summary
+
+
+def build_fixtures(out: str | os.PathLike, n_train: int = 4096, per_shard: int = 256, n_eval: int = 200,
+                   source: str | os.PathLike = DEFAULT_SOURCE, seed: int = 0,
+                   overwrite: bool = False) -> dict[str, Any]:
     """Write every fixture under `out` (atomically, as one directory); returns the paths (also in fixtures.json)."""
     out, source = Path(out), Path(source)
     if out.exists() and not overwrite:

@@ -180,7 +180,8 @@ def load_clip(model: str, pretrained: str | None, device: torch.device | str = "
         clip, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=weights, force_quick_gelu=quick_gelu, pretrained_text=False, **preprocess_cfg)
     except (RuntimeError, KeyError, ValueError) as e:
-        raise CSRError(f"--pretrained {pretrained}: weights do not fit {name} ({str(e).splitlines()[0][:300]})") from None
+        why = str(e).splitlines()[0][:300]
+        raise CSRError(f"--pretrained {pretrained}: weights do not fit {name} ({why})") from None
     device = torch.device(device)
     clip = clip.to(device).eval().requires_grad_(False)
     embed_dim = int(open_clip.get_model_config(name)["embed_dim"])
@@ -266,8 +267,9 @@ def _decode_pair(sample: dict[str, Any]) -> tuple[Any, str] | None:
 class ShardStream(torch.utils.data.IterableDataset):
     """Batches of (images, tokens, n_skipped) from webdataset shards for one DDP rank.
 
-    Shards are split between ranks and DataLoader workers (each (rank, worker) reader gets its own shards,
-    webdataset's split_by_node + split_by_worker); training shuffles the shard order per (seed, epoch, pass)
+    Shards are split between ranks and DataLoader workers: each (rank, worker) reader gets its own shards, the
+    split webdataset's split_by_node + split_by_worker make, done here from explicit rank and worker ids (the
+    same in forked workers, whatever the environment says). Training shuffles the shard order per (seed, epoch, pass)
     and samples through a buffer. `batches_per_worker` fixes an epoch's length (--train-num-samples): a reader
     restarts its shards until it has produced that many batches. Without it, one pass (feature caching).
     """

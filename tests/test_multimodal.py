@@ -268,15 +268,17 @@ def test_readme_command_parses_unchanged():
     args = main_multimodal.build_train_parser().parse_args(argv[3:])
     assert args.train_data == "shards-{0000..0575}.tar" and args.dataset_type == "webdataset"
     assert args.precision == "amp" and args.model == "ViT-B-16" and args.pretrained == "dfn2b"
-    assert (args.csr_topk, args.csr_auxk, args.csr_cl_coef, args.csr_hidden_size, args.csr_input_dim) == (64, 1024, 1.0, 2048, 512)
-    assert (args.epochs, args.batch_size, args.lr, args.wd, args.grad_clip_norm, args.save_frequency) == (5, 1024, 4e-4, 1e-4, 1.0, 1)
+    assert (args.csr_topk, args.csr_auxk, args.csr_cl_coef, args.csr_hidden_size) == (64, 1024, 1.0, 2048)
+    assert (args.csr_input_dim, args.epochs, args.batch_size, args.lr, args.wd) == (512, 5, 1024, 4e-4, 1e-4)
+    assert (args.grad_clip_norm, args.save_frequency) == (1.0, 1)
     assert (args.train_num_samples, args.workers, args.feature_cache, args.csr_cl_on) == (2905954, 8, None, "recon")
 
 
 def test_no_training_flag_is_taken_by_torchrun():
     """torchrun's parser would swallow (or reject as ambiguous) a script flag that prefixes one of its own."""
     from torch.distributed.run import get_args_parser
-    ours = [o for a in main_multimodal.build_train_parser()._actions for o in a.option_strings if o not in ("-h", "--help")]
+    ours = [o for a in main_multimodal.build_train_parser()._actions for o in a.option_strings
+            if o not in ("-h", "--help")]
     theirs = [o for a in get_args_parser()._actions for o in a.option_strings]
     assert not [(m, t) for m in ours for t in theirs if t.startswith(m)]
 
@@ -290,6 +292,17 @@ def test_torchrun_two_processes_gloo(fx, tmp_path):
     assert "world size 2, 16 pairs per step" in p.stdout
     model, ckpt = load_model(tmp_path / "run" / "csr.pt")
     assert ckpt["step"] == 2 and model.cfg.input_dim == 32
+
+
+def test_tiny_clip_training_writes_weights_that_load_and_differ(fx):
+    from csr.fixtures import train_tiny_clip
+    summary = train_tiny_clip(Path(fx["model"]).parent, steps=3, batch_size=16, progress=False)
+    assert summary["steps"] == 3
+    trained = mm.load_clip(fx["model"], summary["weights"], "cpu", "fp32")
+    random_init = mm.load_clip(fx["model"], fx["pretrained"], "cpu", "fp32")
+    w = trained.model.visual.conv1.weight
+    assert w.shape == random_init.model.visual.conv1.weight.shape
+    assert not torch.equal(w, random_init.model.visual.conv1.weight)
 
 
 # ----------------------------------------------------------------------------- bad input
