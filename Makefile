@@ -9,7 +9,7 @@ CACHE := .cache
 APT_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup test test-all demo demo-full demo-text bench clean
+.PHONY: setup test demo demo-full demo-text clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,35 @@ $(VENV)/.installed: requirements.txt requirements-build.txt requirements-data.tx
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# ---------------------------------------------------------------------------------------------------------
+# The main job: Fashion-MNIST (Debian package) -> ImageFolder -> FFCV -> EfficientNet-Lite0 (real ImageNet
+# weights) embeddings -> CSR vs MRL adaptor / PCA / truncation sweep -> results/$(DEMO_NAME)/.
+# Every stage is skipped when its output exists (delete the folder to redo it).
+SUBSET ?= 0#                    images per class and split (0 = all 60k/10k)
+IMG_SIZE ?= 112
+DEMO_NAME ?= fmnist
+DEMO_DIR := $(CACHE)/$(DEMO_NAME)
+FFCV_TAG := 500_0.50_90
+SWEEP_FLAGS ?=
+
+demo: setup $(DEMO_DIR)/emb/val_emb.npy
+	$(PY) retrieval/sweep.py --train-emb $(DEMO_DIR)/emb/train_emb.npy --eval-emb $(DEMO_DIR)/emb/val_emb.npy \
+		--name $(DEMO_NAME) $(SWEEP_FLAGS)
+
+$(DEMO_DIR)/images/val:
+	$(PY) prepare_fashion_mnist.py --out $(DEMO_DIR)/images --subset $(SUBSET) --overwrite
+
+$(DEMO_DIR)/ffcv/val_$(FFCV_TAG).beton: | $(DEMO_DIR)/images/val
+	IMAGENET_DIR=$(DEMO_DIR)/images WRITE_DIR=$(DEMO_DIR)/ffcv PYTHON=$(PY) train/write_imagenet.sh 500 0.50 90 --overwrite
+
+$(DEMO_DIR)/emb/val_emb.npy: | $(DEMO_DIR)/ffcv/val_$(FFCV_TAG).beton
+	$(PY) inference/pretrained_embeddings.py --train_data_ffcv $(DEMO_DIR)/ffcv/train_$(FFCV_TAG).beton \
+		--eval_data_ffcv $(DEMO_DIR)/ffcv/val_$(FFCV_TAG).beton --model_name tf_efficientnet_lite0 \
+		--weights efficientnet-lite0 --img-size $(IMG_SIZE) --out $(DEMO_DIR)/emb --overwrite
+
+demo-full:
+	$(MAKE) demo SUBSET=0 DEMO_NAME=fmnist_full
 
 clean:
 	rm -rf $(VENV) $(CACHE)/.apt-installed

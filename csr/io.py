@@ -101,10 +101,12 @@ def command_line() -> str:
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
-    """`train_emb.npy` -> `train_meta.json`; anything else `x.ext` -> `x.json`."""
+    """`train_emb.npy` -> `train_meta.json`; `x.json` -> `x.meta.json`; anything else `x.ext` -> `x.json`."""
     path = Path(path)
     if path.name.endswith("_emb.npy"):
         return path.with_name(path.name[: -len("_emb.npy")] + "_meta.json")
+    if path.suffix == ".json":  # a JSON output keeps its provenance beside it, never in place of it
+        return path.with_name(path.stem + ".meta.json")
     return path.with_suffix(".json")
 
 
