@@ -183,6 +183,7 @@ class Backbone:
     model_name: str
     weights: str
     preprocess: Preprocess
+    channels_last: bool = False
 
     @property
     def dim(self) -> int:
@@ -191,6 +192,8 @@ class Backbone:
     @torch.inference_mode()
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-logits features of a normalised float batch."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
     @torch.inference_mode()
@@ -199,7 +202,14 @@ class Backbone:
 
     def describe(self) -> dict[str, Any]:
         return {"backbone": self.model_name, "weights": self.weights, "dim": self.dim,
-                "features": "pre_logits", "preprocessing": self.preprocess.to_dict()}
+                "features": "pre_logits", "preprocessing": self.preprocess.to_dict(),
+                "channels_last": self.channels_last}
+
+    def set_channels_last(self, on: bool = True) -> "Backbone":
+        """NHWC weights and inputs: 1.5-2x faster convolutions on CPU (oneDNN), usually faster on GPU too."""
+        self.channels_last = on
+        self.model.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+        return self
 
 
 def resolve_model_name(model_name: str | None, weights: str | None) -> str:
@@ -214,7 +224,7 @@ def resolve_model_name(model_name: str | None, weights: str | None) -> str:
 
 
 def create_backbone(model_name: str | None, weights: str | None, img_size: int | None = None,
-                    device: str | torch.device = "cpu") -> Backbone:
+                    device: str | torch.device = "cpu", channels_last: bool = False) -> Backbone:
     """Create a timm model, load `weights` (path, 'efficientnet-lite0' or 'timm'), put it in eval mode."""
     import timm
     if not weights:
@@ -241,7 +251,8 @@ def create_backbone(model_name: str | None, weights: str | None, img_size: int |
         desc = str(path.resolve())
     model.eval().requires_grad_(False).to(device)
     cfg = dict(model.pretrained_cfg)
-    return Backbone(model=model, model_name=name, weights=desc, preprocess=preprocess_from_config(cfg, img_size))
+    bb = Backbone(model=model, model_name=name, weights=desc, preprocess=preprocess_from_config(cfg, img_size))
+    return bb.set_channels_last(channels_last)
 
 
 def imagenet_class_name(index: int) -> str:

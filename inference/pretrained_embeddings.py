@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default min(8, CPUs))")
     rt.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     bool_flag(rt, "--amp", default=True, help="float16 autocast on CUDA (ignored on CPU)")
+    bool_flag(rt, "--channels_last", "--channels-last", default=True,
+              help="run the backbone in channels-last memory format (1.5-2x faster convolutions on CPU)")
+    rt.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads for the backbone (default 0 = torch's default, the core count)")
     rt.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                     help="dtype of the written embeddings")
     rt.add_argument("--shard-size", "--shard_size", type=int, default=0,
@@ -131,7 +135,9 @@ def main(argv: Sequence[str] | None = None):
         raise CSRError(f"--shard-size must be >= 0, got {args.shard_size}")
     if args.workers < 0:
         raise CSRError(f"--workers must be >= 0, got {args.workers}")
-    backbone = create_backbone(args.model_name, args.weights, args.img_size, device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    backbone = create_backbone(args.model_name, args.weights, args.img_size, device, args.channels_last)
     sources = make_sources(args, backbone.preprocess)
     cfg = ExtractConfig(batch_size=args.batch_size, workers=args.workers, device=device, amp=args.amp,
                         dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite,
