@@ -54,16 +54,16 @@ def _ours(a: dict, skew: str, k: int, out: str) -> dict:
         warm.search(type(q)(q.indices[:8], q.values[:8], q.hidden_size), 3, progress=False,
                     tiled_postings_per_item=tiled)
     del warm
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     index = build_index(db, threads=a["threads"])
     t_build = time.perf_counter() - t0
     ind, sc = index.search(q, a["K"], threads=a["threads"], batch_size=a["batch_size"], progress=a["progress"])
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     np.save(out + ".idx.npy", ind)
     np.save(out + ".score.npy", sc)
     qi, _, ql = normalized_rows(q)
     n_hot, n_post = _query_work(qi, ql, index.hot_pos, index.ptr)
-    return dict(seconds=seconds, build_seconds=t_build, peak_rss=_peak_rss(), index_bytes=index.nbytes,
+    return dict(seconds=seconds, cpu_seconds=cpu_seconds, build_seconds=t_build, peak_rss=_peak_rss(), index_bytes=index.nbytes,
                 n_hot_units=int(index.hot_units.size), hot_rows_per_query=float(n_hot.mean()),
                 cold_postings_per_query=float(n_post.mean()), queries_with_hot_units=float((n_hot > 0).mean()))
 
@@ -77,7 +77,7 @@ def _sdt(a: dict, skew: str, k: int, out: str) -> dict:
     from csr.sparse_knn import normalized_csr
     q, db = _draw(a, skew, k)
     q = type(q)(q.indices[:a["baseline_queries"]], q.values[:a["baseline_queries"]], q.hidden_size)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     crow, col, val = normalized_csr(db)
     dbt = sp.csr_matrix((val, col, crow), shape=(db.n, db.hidden_size)).T.tocsr()
     del crow, col, val
@@ -91,10 +91,10 @@ def _sdt(a: dict, skew: str, k: int, out: str) -> dict:
         for i in range(r.shape[0]):
             lo, hi = r.indptr[i], r.indptr[i + 1]
             ind[s + i, :hi - lo], sc[s + i, :hi - lo] = r.indices[lo:hi], r.data[lo:hi]
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     np.save(out + ".idx.npy", ind)
     np.save(out + ".score.npy", sc)
-    return dict(seconds=seconds, peak_rss=_peak_rss(), n_queries_timed=q.n)
+    return dict(seconds=seconds, cpu_seconds=cpu_seconds, peak_rss=_peak_rss(), n_queries_timed=q.n)
 
 
 def _in_fresh_process(fn, *args) -> dict:
@@ -151,7 +151,8 @@ def main(argv=None) -> dict:
                       f"hidden {args.hidden}, top-{args.K}, {args.threads} threads", flush=True)
                 out = f"{tmp}/{skew}_{k}"
                 ours = _in_fresh_process(_ours, a, skew, k, out + "_ours")
-                print(f"   ours: {ours['seconds']:.2f} s (build {ours['build_seconds']:.2f} s), peak RSS "
+                print(f"   ours: {ours['seconds']:.2f} s (build {ours['build_seconds']:.2f} s; "
+                      f"{ours['cpu_seconds']:.1f} CPU-s), peak RSS "
                       f"{ours['peak_rss'] / 1e9:.2f} GB; {ours['n_hot_units']} hot units, "
                       f"{ours['hot_rows_per_query']:.1f} hot rows + {ours['cold_postings_per_query']:,.0f} "
                       f"postings per query", flush=True)
@@ -159,30 +160,35 @@ def main(argv=None) -> dict:
                 row = dict(skew=skew, k=k, ours=ours, target_seconds=TARGETS.get((skew, k)) if full else None)
                 if not args.skip_baseline:
                     base = _in_fresh_process(_sdt, a, skew, k, out + "_sdt")
-                    base["seconds_all_queries"] = base["seconds"] * args.n_queries / base["n_queries_timed"]
+                    scale = args.n_queries / base["n_queries_timed"]
+                    base["seconds_all_queries"] = base["seconds"] * scale
+                    base["cpu_seconds_all_queries"] = base["cpu_seconds"] * scale
                     row["sparse_dot_topn"] = base
                     row["speedup"] = base["seconds_all_queries"] / ours["seconds"]
+                    row["cpu_speedup"] = base["cpu_seconds_all_queries"] / ours["cpu_seconds"]
                     row["answers"] = compare(np.load(out + "_ours.idx.npy"), np.load(out + "_ours.score.npy"),
                                              np.load(out + "_sdt.idx.npy"), np.load(out + "_sdt.score.npy"))
-                    print(f"   sparse-dot-topn: {base['seconds_all_queries']:.2f} s"
+                    print(f"   sparse-dot-topn: {base['seconds_all_queries']:.2f} s "
+                          f"({base['cpu_seconds_all_queries']:.1f} CPU-s)"
                           f"{' (scaled from %d queries)' % base['n_queries_timed'] if base['n_queries_timed'] < args.n_queries else ''}"
                           f", peak RSS {base['peak_rss'] / 1e9:.2f} GB; speedup {row['speedup']:.1f}x; answers: "
                           f"scores equal on {100 * row['answers']['score_rows_equal']:.2f} % of rows, untied "
                           f"indices equal on {100 * row['answers']['index_rows_equal']:.2f} %", flush=True)
                 rows.append(row)
 
-    print("\n| skew | k | ours (s) | target (s) | ours peak RSS (GB) | sparse-dot-topn (s) | its peak RSS (GB) "
-          "| speed-up | same answers |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| skew | k | ours (s) | ours (CPU-s) | target (s) | ours peak RSS (GB) | sparse-dot-topn (s) | "
+          "its CPU-s | its peak RSS (GB) | speed-up (wall / CPU) | same scores / indices |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o, b = r["ours"], r.get("sparse_dot_topn")
         tgt = "-" if r["target_seconds"] is None else f"{r['target_seconds']:g}" + (
             " ok" if o["seconds"] <= r["target_seconds"] else " missed")
         same = "-" if b is None else f"{100 * r['answers']['score_rows_equal']:.1f} % / " \
                                      f"{100 * r['answers']['index_rows_equal']:.1f} %"
-        print(f"| {r['skew']} | {r['k']} | {o['seconds']:.2f} | {tgt} | {o['peak_rss'] / 1e9:.2f} | "
-              + (f"{b['seconds_all_queries']:.1f} | {b['peak_rss'] / 1e9:.2f} | {r['speedup']:.1f}x | {same} |"
-                 if b else "- | - | - | - |"))
+        print(f"| {r['skew']} | {r['k']} | {o['seconds']:.2f} | {o['cpu_seconds']:.1f} | {tgt} | "
+              f"{o['peak_rss'] / 1e9:.2f} | "
+              + (f"{b['seconds_all_queries']:.1f} | {b['cpu_seconds_all_queries']:.1f} | {b['peak_rss'] / 1e9:.2f} | "
+                 f"{r['speedup']:.1f}x / {r['cpu_speedup']:.1f}x | {same} |" if b else "- | - | - | - | - |"))
     result = dict(config=vars(args), rows=rows)
     atomic_write_json(args.out, result)
     write_sidecar(args.out, what="exact sparse kNN benchmark: ours vs sparse-dot-topn")

@@ -9,17 +9,21 @@ How (CPU, numba): the database is stored as an inverted index (for each unit, th
 using it, in item order). Units used by at least `hot_fraction` of the database ("hot" units: with trained CSR
 codes a few units fire in almost every code) are stored instead as a small dense block `[n_hot, N]`.
 
-- A query without hot units goes term-at-a-time through the posting lists into a per-thread dense accumulator
-  over the database (pass 1 scatters), then a second pass over the same postings reads each touched score once,
-  resets it, and keeps the best K in a heap; only when fewer than K items score > 0 is the accumulator rebuilt
-  to take the zero-score items in index order.
-- A query with hot units touches most of the database anyway: the database is walked in tiles of `tile` items;
-  per tile the query's hot rows are summed into a small accumulator (four rows per pass, vectorised), its cold
-  postings for that tile are scattered in, and a threshold-filtered scan in item order updates its top-K heap.
-  Tiles are the outer loop over a thread's queries, so the dense block is read once per query chunk.
+- A query with few postings and no hot unit goes term-at-a-time through the posting lists, one block of
+  `block` items at a time, into a per-thread accumulator (L2-sized): pass 1 scatters, pass 2 re-reads the same
+  postings, reads each touched score once, resets it and keeps the best K in a heap; only when fewer than K items
+  score > 0 are the scores rebuilt to take the zero-score items in index order.
+- A query with a hot unit (or many postings) touches most of the database anyway: the database is walked in
+  tiles (sized so the tile of all hot rows stays in L2); per tile the query's hot rows are summed into a small
+  accumulator (up to four rows per vectorised pass), its cold postings for that tile are scattered in (a
+  cursor per unit advances through its item-sorted list), and a threshold-filtered scan in item order updates
+  its top-K heap. Tiles are the outer loop over a thread's queries, so each tile of the dense block is read
+  from memory once per query chunk and then from cache.
 
-Memory: postings (8 bytes per non-zero) + the dense block (at most 4/hot_fraction bytes per hot non-zero)
-+ one accumulator over the database per thread. `sparse_topk_torch` is the torch sparse CSR path (CUDA or CPU).
+Float sums run in a fixed order per query, so identical database rows get identical scores (exact ties).
+Memory: postings (8 bytes per cold non-zero) + the dense block (4 bytes x N per hot unit, at most
+`MAX_HOT` units each used by >= `hot_fraction` of the database, i.e. at most 4/hot_fraction bytes per hot
+non-zero) + one accumulator block per thread. `sparse_topk_torch` is the torch sparse CSR path (CUDA or CPU).
 """
 from __future__ import annotations
 
