@@ -217,10 +217,10 @@ def read_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
     return records
 
 
-def _field(path, lineno: int, rec: dict, key: str, what: str) -> str:
+def _field(path, lineno: int, rec: dict, key: str, note: str = "") -> str:
     v = rec.get(key)
     if v is None or (isinstance(v, str) and not v.strip()):
-        raise CSRError(f"{path}:{lineno}: {what} {key!r} is missing or empty")
+        raise CSRError(f"{path}:{lineno}: field {key!r} is missing or empty{note}")
     return str(v)
 
 
@@ -229,8 +229,8 @@ def read_labelled_file(path: str | os.PathLike, text_key: str = "text",
     """Texts and label strings of a JSONL/CSV file; an empty text or a missing label is an error."""
     texts, labels = [], []
     for lineno, rec in read_records(path):
-        texts.append(_field(path, lineno, rec, text_key, "text field"))
-        labels.append(_field(path, lineno, rec, label_key, "label field (this is a labelled task)"))
+        texts.append(_field(path, lineno, rec, text_key))
+        labels.append(_field(path, lineno, rec, label_key, " (every text of a labelled task needs a label)"))
     return texts, labels
 
 
@@ -257,7 +257,7 @@ def load_beir(root: str | os.PathLike, splits: tuple[str, ...] = ("test", "train
     root = Path(root)
     doc_ids, doc_texts = [], []
     for lineno, rec in read_records(root / "corpus.jsonl"):
-        doc_ids.append(_field(root / "corpus.jsonl", lineno, rec, "_id", "document"))
+        doc_ids.append(_field(root / "corpus.jsonl", lineno, rec, "_id"))
         body = str(rec.get("text") or "").strip()
         title = str(rec.get("title") or "").strip()
         text = f"{title} {body}".strip()
@@ -266,8 +266,8 @@ def load_beir(root: str | os.PathLike, splits: tuple[str, ...] = ("test", "train
         doc_texts.append(text)
     query_ids, query_texts = [], []
     for lineno, rec in read_records(root / "queries.jsonl"):
-        query_ids.append(_field(root / "queries.jsonl", lineno, rec, "_id", "query"))
-        query_texts.append(_field(root / "queries.jsonl", lineno, rec, "text", "query"))
+        query_ids.append(_field(root / "queries.jsonl", lineno, rec, "_id"))
+        query_texts.append(_field(root / "queries.jsonl", lineno, rec, "text"))
     for ids, what in ((doc_ids, "corpus.jsonl"), (query_ids, "queries.jsonl")):
         if len(set(ids)) != len(ids):
             raise CSRError(f"{root / what}: duplicate _id values")

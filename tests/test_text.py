@@ -139,14 +139,14 @@ def test_bad_labelled_files(tmp_path):
     with pytest.raises(CSRError, match=r"d.jsonl:2: not valid JSON"):
         T.read_labelled_file(f)
     f.write_text('{"text": "a", "label": "x"}\n\n{"text": "  ", "label": "y"}\n')
-    with pytest.raises(CSRError, match=r"d.jsonl:3: text field 'text' is missing or empty"):
+    with pytest.raises(CSRError, match=r"d.jsonl:3: field 'text' is missing or empty"):
         T.read_labelled_file(f)
     f.write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
-    with pytest.raises(CSRError, match=r"d.jsonl:2: label field"):
+    with pytest.raises(CSRError, match=r"d.jsonl:2: field 'label' is missing or empty \(every text"):
         T.read_labelled_file(f)
     c = tmp_path / "d.csv"
     c.write_text("text,label\nhello,1\nworld,\n")
-    with pytest.raises(CSRError, match=r"d.csv:3: label field"):
+    with pytest.raises(CSRError, match=r"d.csv:3: field 'label' is missing"):
         T.read_labelled_file(c)
     c.write_text("text,label\nhello,10\nworld,9\nagain,10\n")
     texts, names = T.read_labelled_file(c)
@@ -303,6 +303,12 @@ def test_beir_pair_training_and_retrieval(bbc_headlines, bbc_small, tmp_path):
     summary = main_text.main(["train", "--emb-dir", str(bbc_headlines), "--out", str(run_dir), "--cl", "pair",
                               "--topk", "16", "--batch-size", "20", "--epochs", "5", "--lr", "1e-3"])
     assert summary["steps"] == 10  # 40 train pairs, batches of 20
+    info = json.loads((bbc_headlines / "corpus.json").read_text())
+    pairs = np.array(info["qrels"]["train"])
+    np.testing.assert_array_equal(np.load(bbc_headlines / "pairs_train_q_emb.npy"),
+                                  np.load(bbc_headlines / "queries_emb.npy")[pairs[:, 0]])
+    np.testing.assert_array_equal(np.load(bbc_headlines / "pairs_train_d_emb.npy"),
+                                  np.load(bbc_headlines / "corpus_emb.npy")[pairs[:, 1]])
     res = main_text.main(["eval", "--emb-dir", str(bbc_headlines), "--csr", str(run_dir / "csr.pt"), "--dims", "16",
                           "--methods", "dense", "truncation", "csr"])
     by = {r["method"]: r for r in res["rows"]}
