@@ -87,14 +87,21 @@ def preprocess_from_config(cfg: dict[str, Any], img_size: int | None = None) -> 
 # ----------------------------------------------------------------------------- model names
 
 def check_model_name(name: str) -> None:
-    """Raise naming close matches when timm does not know `name`."""
+    """Raise naming close matches when timm does not know `name` (an architecture or `arch.pretrained_tag`)."""
     import timm
-    if timm.is_model(name):
+    tagged = set(timm.list_models(pretrained=True))
+    arch, _, tag = name.partition(".")
+    if timm.is_model(name) and (not tag or name in tagged):
         return
-    known = sorted(set(timm.list_models()) | set(timm.list_models(pretrained=True)))
-    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    if tag and timm.is_model(arch):  # known architecture, unknown tag: suggest that architecture's tags
+        tags = sorted(t for t in tagged if t.startswith(arch + ".")) or [arch]
+        close = difflib.get_close_matches(name, tags, n=5, cutoff=0.5) or tags[:5]
+        what = f"unknown pretrained tag {tag!r} of timm model {arch}"
+    else:
+        close = difflib.get_close_matches(name, sorted(set(timm.list_models()) | tagged), n=5, cutoff=0.5)
+        what = "unknown timm model"
     hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-    raise CSRError(f"--model_name {name!r}: unknown timm model{hint}")
+    raise CSRError(f"--model_name {name!r}: {what}{hint}")
 
 
 # ----------------------------------------------------------------------------- weights

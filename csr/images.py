@@ -336,17 +336,24 @@ def verify_images(paths: Sequence[str], workers: int) -> dict[int, str]:
 
 class _BetonSource(torch.utils.data.Dataset):
     """ImageFolder samples as (RGB uint8 array, label) for FFCV's writer; a failing read is recorded in
-    `error_log` (one line per file) and replaced by a 1x1 image, because FFCV hangs when a worker raises."""
+    `error_log` (one line per file) and replaced by a 1x1 image, because FFCV hangs when a worker raises.
 
-    def __init__(self, samples: list[tuple[str, int]], error_log: Path):
+    numpy's global RNG is re-seeded from (seed, index) before each sample: FFCV's `proportion` mode draws
+    `np.random.rand()` right after `__getitem__` in the same worker, so which images are stored as JPEG no
+    longer depends on how the work was split between writer processes.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], error_log: Path, seed: int = 0):
         self.samples = samples
         self.error_log = str(error_log)
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
+        np.random.seed((self.seed * 1_000_003 + i) % 2**32)
         try:
             return np.asarray(load_rgb(path)), label
         except Exception as e:  # noqa: BLE001 - anything here would hang FFCV's writer
@@ -392,11 +399,10 @@ def write_beton(data_dir: str | os.PathLike, write_path: str | os.PathLike, *, m
         samples = [s for i, s in enumerate(samples) if i not in bad]
     if not samples:
         raise CSRError(f"--data_dir {data_dir}: no readable images")
-    np.random.seed(seed)  # write_mode=proportion draws which images to JPEG-compress
     with atomic_path(write_path, suffix=".tmp.beton") as tmp:
         error_log = tmp.with_suffix(".errors")
         try:
-            dataset = _BetonSource(samples, error_log)
+            dataset = _BetonSource(samples, error_log, seed)
             fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
                                              smart_threshold=smart_threshold, jpeg_quality=jpeg_quality,
                                              compress_probability=compress_probability),

@@ -125,6 +125,8 @@ def test_numba_resize_crop_equals_pil_pixel_for_pixel():
 def test_bad_model_name_and_weights(tmp_path, backbone):
     with pytest.raises(CSRError, match="did you mean.*resnet50d"):
         create_backbone("resnet50dd", str(tmp_path / "x.pt"))
+    with pytest.raises(CSRError, match="unknown pretrained tag 'ra4' .*resnet50d.ra4_e3600_r224_in1k"):
+        create_backbone("resnet50d.ra4", str(tmp_path / "x.pt"))
     sd = {k: v for k, v in backbone.model.state_dict().items() if not k.startswith("classifier")}
     sd["extra.weight"] = torch.zeros(3)
     torch.save(sd, tmp_path / "bad.pt")
@@ -143,6 +145,29 @@ def test_bad_model_name_and_weights(tmp_path, backbone):
     x = torch.randn(2, 3, SIZE, SIZE)
     torch.testing.assert_close(again.features(x), backbone.features(x), rtol=0, atol=0)
     assert set(read_state_dict(tmp_path / "good.pth")) == set(backbone.model.state_dict())
+
+
+def test_paper_backbone_runs_from_a_local_safetensors_file(tree, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+    model = timm.create_model("resnet50d.ra4_e3600_r224_in1k", pretrained=False)  # stands in for the hub file
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    small = tmp_path / "tree"
+    for name in ("bag", "trouser"):
+        (small / name).mkdir(parents=True)
+        for f in sorted((tree / "val" / name).iterdir())[:3]:
+            shutil.copy(f, small / name / f.name)
+    res = pretrained_embeddings.main(["--train_dir", str(small), "--weights", str(tmp_path / "model.safetensors"),
+                                      "--out", str(tmp_path / "out"), "--img-size", "64", "--progress", "False"])
+    meta = json.loads((tmp_path / "out" / "train_meta.json").read_text())
+    assert meta["backbone"] == "resnet50d.ra4_e3600_r224_in1k" and res[0].dim == 2048
+    assert meta["preprocessing"]["crop_pct"] == 0.95 and meta["preprocessing"]["resize"] == 67  # floor(64 / 0.95)
+    model.eval()
+    pp = preprocess_from_config(model.pretrained_cfg, 64)
+    x = torch.stack([FolderSource(small, pp).dataset[i][0] for i in (0, 5)])
+    with torch.inference_mode():
+        ref = model.forward_head(model.forward_features((x.float() / 255 - 0.5) / 0.5), pre_logits=True)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "train_emb.npy")[[0, 5]], ref.numpy(), rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- embeddings
