@@ -106,6 +106,10 @@ class _Block:
             self.writer.close()
             return keep
         arr = self.writer.arr
+        if keep == 0:  # every image of the block was unreadable
+            atomic_save_npy(self.emb_path, np.zeros((0, arr.shape[1]), arr.dtype))
+            self.writer.abort()
+            return 0
         with atomic_path(self.emb_path) as tmp:  # drop skipped rows, chunk by chunk
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=arr.dtype, shape=(keep, arr.shape[1]))
             pos = 0
@@ -330,6 +334,17 @@ def list_shards(shard_dir: str | Path) -> list[tuple[int, Path, Path]]:
     return out
 
 
+def _load_shard(path: Path) -> np.ndarray:
+    """A shard's embeddings, memory-mapped; zero rows are allowed (all of its images were unreadable)."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise CSRError(f"{path}: not a readable .npy embedding file ({e})") from None
+    if arr.ndim == 2 and arr.shape[0] == 0 and arr.shape[1] > 0:
+        return arr
+    return load_embeddings(path, mmap=True, finite=False)
+
+
 def stack_shards(shard_dir: str | Path, out_path: str | Path, overwrite: bool = False, chunk: int = 65536
                  ) -> tuple[Path, int, int]:
     """Merge `emb_*.npy`/`labels_*.npy` shards into `out_path` + labels + sidecar (memory-mapped, atomic)."""
@@ -340,7 +355,7 @@ def stack_shards(shard_dir: str | Path, out_path: str | Path, overwrite: bool = 
     arrays = []
     dim = dtype = None
     for i, emb, lab in shards:
-        e = load_embeddings(emb, mmap=True, finite=False)
+        e = _load_shard(emb)
         lb = load_labels(lab, n=e.shape[0])
         if dim is None:
             dim, dtype = e.shape[1], e.dtype

@@ -278,6 +278,8 @@ def test_stack_emb_rejects_inconsistent_shards(tmp_path):
     with pytest.raises(CSRError, match="labels_00001.npy: 2 labels but the embeddings have 3 rows"):
         stack_emb.main(["--shard_dir", str(d)])
     np.save(d / "labels_00001.npy", np.arange(3, dtype=np.int64))
+    np.save(d / "emb_00003.npy", np.ones((0, 4), np.float32))  # a shard whose images were all unreadable
+    np.save(d / "labels_00003.npy", np.zeros(0, np.int64))
     out = stack_emb.main(["--shard_dir", str(d)])
     np.testing.assert_array_equal(np.load(tmp_path / "x_labels.npy"), [0, 0, 0, 0, 1, 2, 0, 0, 0])
     assert out.name == "x_emb.npy" and np.load(out).shape == (9, 4)
