@@ -80,6 +80,9 @@ def write_image_folder(out: str | os.PathLike, source: str | os.PathLike = DEFAU
         raise CSRError(f"{out} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the tree gets the usual permissions
     counts = {}
     try:
         for split in SPLIT_FILES:

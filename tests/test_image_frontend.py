@@ -31,6 +31,12 @@ EMB = ["--weights", "efficientnet-lite0", "--img-size", str(SIZE), "--batch-size
 pytestmark = pytest.mark.skipif(not DEFAULT_SOURCE.is_dir(), reason="Debian package dataset-fashion-mnist missing")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def embed(argv):
     return pretrained_embeddings.main(EMB + list(map(str, argv)))
 
@@ -75,6 +81,7 @@ def test_prepare_writes_deterministic_imagefolder_of_real_pixels(tree):
     with pytest.raises(CSRError, match="exists"):
         prepare_fashion_mnist.main(["--out", str(tree), "--subset", "1"])
     assert not [p for p in tree.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    assert tree.stat().st_mode & 0o055 == 0o055 & ~_umask()  # readable by others like any mkdir
 
 
 # ----------------------------------------------------------------------------- backbone and preprocessing
