@@ -74,8 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "default backbones); resize = img_size / crop_pct")
 
     rt = p.add_argument_group("runtime and output")
-    rt.add_argument("--out", type=Path, required=True, help="output directory for {split}_emb.npy, {split}_labels.npy, {split}_meta.json (or {split}_shards/)")
-    rt.add_argument("--batch-size", "--batch_size", type=positive_int, default=256, help="images per forward pass (default 256)")
+    rt.add_argument("--out", type=Path, required=True,
+                    help="output directory for {split}_emb.npy, {split}_labels.npy, {split}_meta.json "
+                         "(or {split}_shards/)")
+    rt.add_argument("--batch-size", "--batch_size", type=positive_int, default=256,
+                    help="images per forward pass (default 256)")
     rt.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                     help="data-loading workers: DataLoader processes (ImageFolder) or FFCV threads "
                          "(default min(8, CPUs))")
