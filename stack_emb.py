@@ -1,7 +1,8 @@
-"""Merge embedding shards (inference/pretrained_embeddings.py --shard-size) into one `{split}_emb.npy` + labels + sidecar.
+"""Merge embedding shards (pretrained_embeddings.py --shard-size) into one `{split}_emb.npy` + labels + sidecar.
 
     .venv/bin/python stack_emb.py --shard_dir .cache/emb/fmnist_lite0_112/train_shards
-    python stack_emb.py --shard_dir embeddings/imagenet_resnet50d/train_shards --out embeddings/imagenet_resnet50d/train_emb.npy
+    python stack_emb.py --shard_dir embeddings/imagenet_resnet50d/train_shards \
+        --out embeddings/imagenet_resnet50d/train_emb.npy
 
 Shards `emb_NNNNN.npy` / `labels_NNNNN.npy` are concatenated in shard-number order, memory-mapped (RAM does not
 grow with N); every shard must be present and have matching rows (embeddings vs labels), width and dtype.

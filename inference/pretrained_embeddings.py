@@ -1,4 +1,4 @@
-"""Images -> frozen timm backbone -> pre-logits embeddings: `{split}_emb.npy`, `{split}_labels.npy`, `{split}_meta.json`.
+"""Images -> frozen timm backbone -> pre-logits embeddings `{split}_emb.npy`, `{split}_labels.npy`, `{split}_meta.json`.
 
 Built-in data (Fashion-MNIST ImageFolder from prepare_fashion_mnist.py, ImageNet-pretrained EfficientNet-Lite0
 shipped in a PyPI wheel, 112 px):
