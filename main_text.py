@@ -204,7 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> dict:
                 train_from_args(targs, str(emb_dir / "train_emb.npy"), str(out))
                 runs.setdefault(f"csr_{cl}", {})[k] = str(out / "csr.pt")
         t2 = time.time()
-        res = evaluate_folder(str(emb_dir), runs, tuple(args.dims), knn_k=args.knn_k, seed=args.seed)
+        res = evaluate_folder(str(emb_dir), runs, tuple(args.dims), knn_k=args.knn_k)  # eval's default seed
         n = sum(s["n"] for s in sides.values())
         res["embedding"] = {"texts": n, "texts_per_s": {s: v["texts_per_s"] for s, v in sides.items()},
                             "max_seq_length": args.max_seq_length}
