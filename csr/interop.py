@@ -25,19 +25,16 @@ Folders written here (all atomically: built in a temp dir beside the target, the
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from csr.checkpoint import load_model, save_checkpoint
-from csr.io import CSRError, code_version, read_sidecar, write_sidecar
+from csr.io import CSRError, atomic_dir, code_version, read_sidecar, write_sidecar
 from csr.metrics import markdown_table
 from csr.model import CSR, CSRConfig
 
@@ -46,43 +43,6 @@ ST_CONFIG_KEYS = ("input_dim", "hidden_dim", "k", "k_aux", "normalize", "dead_th
 ST_MODULE_TYPE = "SparseAutoEncoder"
 WEIGHTS = "model.safetensors"
 LEGACY_WEIGHTS = "pytorch_model.bin"  # sentence-transformers still reads these
-
-
-# ----------------------------------------------------------------------------- atomic folders
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temp dir beside `path`; it replaces `path` only if the block succeeds."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise CSRError(f"{path} exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        _public(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def _public(folder: Path) -> None:
-    """mkdtemp (and safetensors) create private entries: give them the usual umask-based modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for root, dirs, files in os.walk(folder):
-        for d in dirs:
-            os.chmod(os.path.join(root, d), 0o777 & ~umask)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
 # ----------------------------------------------------------------------------- config mapping

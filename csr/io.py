@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,41 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temp dir beside `path`; it replaces `path` (a folder) only if the block succeeds."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CSRError(f"{path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        _public(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _public(folder: Path) -> None:
+    """mkdtemp (and safetensors) create private entries: give them the usual umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
 def atomic_save_npy(path: str | os.PathLike, arr: np.ndarray) -> None:
@@ -253,25 +289,19 @@ class SparseCodes:
     def to_scipy(self, normalize: bool = False):
         """CSR matrix `[N, hidden]` (float32); duplicates summed; optionally rows L2-normalised."""
         import scipy.sparse as sp
-        vals = self.values.astype(np.float32)
-        if normalize:
-            vals = l2_normalize_values(vals)
         indptr = np.arange(0, self.n * self.k + 1, self.k, dtype=np.int64)
-        m = sp.csr_matrix((vals.ravel(), self.indices.astype(np.int64).ravel(), indptr),
+        m = sp.csr_matrix((self.values.astype(np.float32).ravel(), self.indices.astype(np.int64).ravel(), indptr),
                           shape=(self.n, self.hidden_size))
-        m.sum_duplicates()
+        m.sum_duplicates()  # before normalising: a repeated index is one coordinate, as in the sparse engine
         m.eliminate_zeros()
+        if normalize:
+            rows = np.repeat(np.arange(self.n), np.diff(m.indptr))
+            norms = np.sqrt(np.bincount(rows, weights=m.data.astype(np.float64) ** 2, minlength=self.n))
+            m.data /= np.maximum(norms, 1e-12).astype(np.float32)[rows]
         return m
 
     def to_dense(self, normalize: bool = False) -> np.ndarray:
         return self.to_scipy(normalize).toarray()
-
-
-def l2_normalize_values(values: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Row-normalise code values (indices within a row are distinct, so the norm is over values)."""
-    v = values.astype(np.float32)
-    norm = np.sqrt((v * v).sum(axis=1, keepdims=True))
-    return v / np.maximum(norm, eps)
 
 
 def validate_codes(indices: np.ndarray, values: np.ndarray, hidden_size: int, name: str) -> None:

@@ -102,18 +102,21 @@ def check_code_pair(queries: SparseCodes, database: SparseCodes) -> None:
                        f"{database.hidden_size}")
 
 
-def search(queries, database, K: int, backend: str = "sparse", progress: bool = True, **kw):
-    """Dispatch to a backend; codes may be searched with `faiss` after densifying (when it fits in RAM)."""
+def search(queries, database, K: int, backend: str = "sparse", progress: bool = True, batch_size: int | None = None,
+           threads: int | None = None, dense_limit_bytes: float = 8e9):
+    """Dispatch to a backend; codes may be searched with `faiss` after densifying (when it fits in RAM).
+    `batch_size` (queries per block) applies to every backend, `threads` to the sparse engine only."""
     if backend not in BACKENDS:
         raise CSRError(f"--backend must be one of {BACKENDS}, got {backend!r}")
     codes = isinstance(queries, SparseCodes)
     if codes != isinstance(database, SparseCodes):
         raise CSRError("queries and database must both be codes or both be dense vectors")
+    kw = {} if batch_size is None else {"batch_size": batch_size}
     if backend == "faiss":
         if codes:
             check_code_pair(queries, database)
             need = 4 * database.n * database.hidden_size
-            if need > kw.pop("dense_limit_bytes", 8e9):
+            if need > dense_limit_bytes:
                 raise CSRError(f"densified database would need {need / 1e9:.1f} GB; use --backend sparse")
             queries, database = queries.to_dense(True), database.to_dense(True)
         return dense_search(queries, database, K, progress=progress, **kw)
@@ -125,4 +128,4 @@ def search(queries, database, K: int, backend: str = "sparse", progress: bool = 
         from csr.sparse_knn import sparse_topk
     except ImportError:  # the fast engine is optional at import time; the reference is always exact
         return scipy_sparse_search(queries, database, K, progress=progress, **kw)
-    return sparse_topk(queries, database, K, progress=progress, **kw)
+    return sparse_topk(queries, database, K, progress=progress, threads=threads, **kw)

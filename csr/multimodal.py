@@ -37,7 +37,7 @@ from csr.checkpoint import save_checkpoint
 from csr.distributed import Runtime, all_reduce_, barrier
 from csr.io import CSRError, NpyWriter, atomic_save_npy, atomic_write_text, read_sidecar, write_sidecar
 from csr.model import CSR
-from csr.train import TrainConfig, TrainData, Batches, make_scheduler, step_losses
+from csr.train import Batches, TrainConfig, TrainData, accumulate, make_scheduler, optimizer_step, step_losses
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXT = "txt"
@@ -574,21 +574,11 @@ def train_multimodal(model: CSR, source, cfg: TrainConfig, out_dir: str | Path, 
             with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = net(x, k=k, multi_k=multi_k, dead=dead)
                 terms = multimodal_losses(out, x, cfg, hidden, logit_scale, cl_on, rt.distributed)
-            opt.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            model.normalize_decoder_()
-            fired = torch.zeros(hidden, device=rt.device)
-            fired[out["idx"][:, :k].reshape(-1)] = 1
-            model.update_dead_stats(all_reduce_(fired) > 0)
+            optimizer_step(model, opt, sched, terms["total"], out["idx"][:, :k], cfg.grad_clip)
             step += 1
             n_steps += 1
             n_pairs += img.shape[0] * rt.world_size
-            for name, v in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(v.detach())
+            accumulate(sums, terms)
             bar.update(1)
             bar.set_postfix(loss=f"{float(terms['total'].detach()):.4g}", cl=f"{float(terms['cl'].detach()):.3g}")
             if cfg.max_steps and step >= cfg.max_steps:

@@ -21,8 +21,9 @@ from csr.metrics import markdown_table, retrieval_metrics
 from csr.model import CSR, CSRConfig
 from csr.train import TrainConfig, TrainData, train
 
-METHOD_NAMES = {"full": "full-dim", "trunc": "truncation", "pca": "PCA", "mrl": "MRL adaptor", "csr": "CSR",
-                "csr_one": "CSR (one model, k varied at inference)"}
+METHOD_NAMES = {"full": "full-dim", "trunc": "truncation", "pca": "PCA", "mrl": "MRL adaptor (labels)",
+                "mrl_unsup": "MRL adaptor (no labels)", "csr": "CSR", "csr_one": "CSR (one model, k varied at inference)"}
+ROWS = ("csr", "csr_one", "mrl", "mrl_unsup", "pca", "trunc")
 
 
 def evaluate(db, queries, db_labels: np.ndarray, q_labels: np.ndarray, K: int = 10) -> dict[str, float]:
@@ -41,7 +42,7 @@ class Sweep:
         self.xtr, self.ytr, self.xte, self.yte = xtr, ytr, xte, yte
         self.force, self.progress = force, progress
         self._pca: PCA | None = None
-        self._mrl = None
+        self._mrl: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
 
     def part(self, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -76,19 +77,22 @@ class Sweep:
         return self.part(f"pca_{d}", run)
 
     def mrl(self, d: int, cfg: MRLConfig, supervised: bool = True) -> dict:
+        method = "mrl" if supervised else "mrl_unsup"
+
         def run():
-            if self._mrl is None:
+            if method not in self._mrl:
                 t0 = time.time()
                 dims = tuple(sorted(set(matryoshka_dims(self.xtr.shape[1])) | {d}))
-                self._mrl = train_mrl(self.xtr, self.ytr if supervised else None, replace(cfg, dims=dims),
-                                      progress=self.progress)
-                self.timings["mrl_train"] = time.time() - t0
-            if d not in self._mrl.dims:
+                self._mrl[method] = train_mrl(self.xtr, self.ytr if supervised else None, replace(cfg, dims=dims),
+                                              progress=self.progress)
+                self.timings[f"{method}_train"] = time.time() - t0
+            head = self._mrl[method]
+            if d not in head.dims:
                 raise ValueError(f"MRL adaptor has no prefix {d}")
-            return {"method": "mrl", "dims": d, "supervised": supervised, "config": asdict(cfg),
-                    **evaluate(mrl_transform(self._mrl, self.xtr, d), mrl_transform(self._mrl, self.xte, d),
+            return {"method": method, "dims": d, "supervised": supervised, "config": asdict(cfg),
+                    **evaluate(mrl_transform(head, self.xtr, d), mrl_transform(head, self.xte, d),
                                self.ytr, self.yte)}
-        return self.part(f"mrl_{d}", run)
+        return self.part(f"{method}_{d}", run)
 
     # ------------------------------------------------------------------ CSR
     def csr_model(self, tag: str, model_cfg: CSRConfig, train_cfg: TrainConfig) -> tuple[CSR, dict]:
@@ -133,7 +137,7 @@ def results_table(parts: list[dict], dims: list[int], header: str) -> str:
     """Rows = methods, columns = active dims (1-NN top-1 %), plus dead latents of CSR models."""
     rows = []
     full = next((p for p in parts if p["method"] == "full"), None)
-    for method in ("csr", "csr_one", "mrl", "pca", "trunc"):
+    for method in ROWS:
         by_d = {p["dims"]: p for p in parts if p.get("row", p["method"]) == method}
         if not by_d:
             continue
@@ -163,7 +167,8 @@ def plot(parts: list[dict], path: str | Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method, style in (("csr", "o-"), ("csr_one", "o--"), ("mrl", "s-"), ("pca", "^-"), ("trunc", "v-")):
+    styles = {"csr": "o-", "csr_one": "o--", "mrl": "s-", "mrl_unsup": "s--", "pca": "^-", "trunc": "v-"}
+    for method, style in styles.items():
         pts = sorted((p["dims"], p["top1"]) for p in parts if p.get("row", p["method"]) == method)
         if pts:
             ax.plot(*zip(*pts), style, label=METHOD_NAMES[method])

@@ -39,6 +39,8 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 0.0  # 0 = off
     bpre_init: str = "zeros"  # zeros (reference) | mean | geometric_median
+    k_start: int = 0  # k annealing (CSRv2-style, off = 0): train with k_start active units at step 0 ...
+    k_anneal_steps: int = 0  # ... decreasing linearly to the model's k at this step (0 = half of all steps)
     seed: int = 1227
     amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
     max_steps: int = 0  # stop after this many optimiser steps in total (0 = run all epochs)
@@ -185,6 +187,35 @@ class Batches:
 
 # ----------------------------------------------------------------------------- the loop
 
+def annealed_k(step: int, k: int, k_start: int, anneal_steps: int) -> int:
+    """Active units at `step`: k_start decreasing linearly to k over `anneal_steps` (k when annealing is off)."""
+    if k_start <= k or anneal_steps <= 0 or step >= anneal_steps:
+        return k
+    return int(round(k_start + (k - k_start) * step / anneal_steps))
+
+
+def optimizer_step(model: CSR, opt: torch.optim.Optimizer, sched: Any, loss: torch.Tensor, idx_k: torch.Tensor,
+                   grad_clip: float = 0.0) -> None:
+    """One update: backward, optional clipping, Adam and schedule step, decoder renormalisation, and the deadness
+    counters from this step's top-k indices (OR-ed over ranks under DDP, so every rank agrees on who is dead)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    model.normalize_decoder_()
+    fired = torch.zeros(model.cfg.hidden_size, device=idx_k.device)
+    fired[idx_k.reshape(-1)] = 1
+    model.update_dead_stats(all_reduce_(fired) > 0)
+
+
+def accumulate(sums: dict[str, float], terms: dict[str, torch.Tensor]) -> None:
+    """Add this step's loss terms to the epoch sums (for the per-epoch means of the JSONL log)."""
+    for name, v in terms.items():
+        sums[name] = sums.get(name, 0.0) + float(v.detach())
+
+
 def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt: Runtime | None = None,
           args: dict[str, Any] | None = None, resume: bool = False, progress: bool = True,
           on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
@@ -207,6 +238,7 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
     model.to(rt.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.wd)
     sched = make_scheduler(opt, cfg, total_steps)
+    anneal_steps = cfg.k_anneal_steps or total_steps // 2
     start_epoch, step, log_lines = 0, 0, []
     last = out_dir / "last.pt"
     if resume and last.exists():
@@ -250,24 +282,15 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
             if labels is not None:
                 labels = labels.to(rt.device)
             dead = model.dead_mask()
+            k_now = annealed_k(step, k, min(cfg.k_start, hidden // 4), anneal_steps)
             with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = net(x, k=k, multi_k=multi_k, dead=dead)
+                out = net(x, k=k_now, multi_k=max(multi_k, 4 * k_now), dead=dead)
                 terms = step_losses(out, x, cfg, hidden, labels, rt.distributed)
-            opt.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            model.normalize_decoder_()
-            fired = torch.zeros(hidden, device=rt.device)
-            fired[out["idx"][:, :k].reshape(-1)] = 1
-            model.update_dead_stats(all_reduce_(fired) > 0)
+            optimizer_step(model, opt, sched, terms["total"], out["idx"][:, :k_now], cfg.grad_clip)
             step += 1
             n_steps += 1
             n_samples += x.shape[0] * rt.world_size // (2 if x_pair is not None else 1)
-            for name, v in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(v.detach())
+            accumulate(sums, terms)
             if rt.is_main:
                 bar.set_postfix(loss=f"{float(terms['total'].detach()):.4g}", dead=f"{float(dead.float().mean()):.2f}")
             if on_step is not None:

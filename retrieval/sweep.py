@@ -9,8 +9,8 @@ ImageNet-1k (embeddings from inference/pretrained_embeddings.py):
 
 For each k in --ks it trains one CSR model (as the paper does) and evaluates exact 1-NN top-1 and mAP@10 with
 the sparse engine; every baseline runs at the same dims: truncation, PCA (fit on train), the MRL adaptor
-(Matryoshka loss on the frozen embeddings; supervised with labels unless --mrl-unsupervised) and the full
-embedding. `--ablation-k` adds CSR variants at one k: contrastive term none/self/label and --recon-loss nmse.
+(Matryoshka loss on the frozen embeddings: `mrl` with labels, as MRL is trained; `mrl_unsup` without, the
+like-for-like match of CSR's default unsupervised recipe) and the full embedding. `--ablation-k` adds CSR variants at one k: contrastive term none/self/label and --recon-loss nmse.
 Writes results/<name>/{table.md, results.json, accuracy_vs_dims.png}, models under results/<name>/models and
 one JSON per finished part under results/<name>/parts (a re-run skips them unless --force).
 CSR flags (--epochs, --batch-size, --lr, --cl, ...) default to the paper's recipe; --topk is ignored (use --ks).
@@ -43,14 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--header", default=None, help="table title (default: built from the embeddings' sidecar)")
     s = p.add_argument_group("sweep")
     s.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256], help="active dims to compare")
-    s.add_argument("--methods", nargs="+", default=["csr", "mrl", "pca", "trunc", "full"],
-                   choices=["csr", "csr_one", "mrl", "pca", "trunc", "full"], help="methods to run")
+    s.add_argument("--methods", nargs="+", default=["csr", "mrl", "mrl_unsup", "pca", "trunc", "full"],
+                   choices=["csr", "csr_one", "mrl", "mrl_unsup", "pca", "trunc", "full"], help="methods to run")
     s.add_argument("--one-model-k", type=int, default=0,
                    help="with method csr_one: train ONE CSR at this k and evaluate it at every k in --ks")
     s.add_argument("--ablation-k", type=int, default=32, help="k of the ablation (0 = no ablation)")
     s.add_argument("--mrl-epochs", type=int, default=20, help="MRL adaptor epochs")
     s.add_argument("--mrl-heads", default="separate", choices=["separate", "shared"], help="MRL (separate) or MRL-E")
-    bool_flag(s, "--mrl-unsupervised", default=False, help="train the MRL adaptor without labels")
     bool_flag(s, "--force", default=False, help="recompute finished parts")
     add_train_args(p)
     return p
@@ -87,7 +86,9 @@ def main(argv=None) -> str:
         if "pca" in args.methods:
             parts.append(timed("pca", lambda: sw.pca(k)))
         if "mrl" in args.methods:
-            parts.append(timed("mrl", lambda: sw.mrl(k, mrl_cfg, supervised=not args.mrl_unsupervised)))
+            parts.append(timed("mrl", lambda: sw.mrl(k, mrl_cfg, supervised=True)))
+        if "mrl_unsup" in args.methods:
+            parts.append(timed("mrl_unsup", lambda: sw.mrl(k, mrl_cfg, supervised=False)))
         if "csr" in args.methods:
             parts.append(timed("csr", lambda: sw.csr(k, model_cfg, train_cfg)))
         if "csr_one" in args.methods and args.one_model_k:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from csr import losses as L
 from csr.model import CSR, CSRConfig, dense_code
-from csr.train import TrainConfig, TrainData, step_losses, train
+from csr.train import TrainConfig, TrainData, annealed_k, step_losses, train
 
 
 def make_model(d=24, h=96, k=4, auxk=16, tied=True, seed=0, normalize=False):
@@ -135,6 +135,20 @@ def test_dead_counter_advances_once_per_training_step_and_never_in_eval(tmp_path
     m.encode(torch.from_numpy(x))
     m(torch.from_numpy(x), dead=m.dead_mask())
     assert torch.equal(before, m.stats_last_nonzero)
+
+
+def test_k_annealing_starts_wide_and_ends_at_k(tmp_path):
+    assert [annealed_k(s, 8, 64, 8) for s in (0, 4, 8, 100)] == [64, 36, 8, 8]
+    assert annealed_k(0, 8, 0, 8) == 8  # off
+    m = make_model(d=16, h=64, k=2)
+    x = np.random.default_rng(0).normal(size=(100, 16)).astype(np.float32)
+    fired_units = []
+    cfg = TrainConfig(batch_size=20, epochs=2, cl="none", k_start=12, k_anneal_steps=6)
+    # the first step fires up to 12 units per sample: deadness counters reset for at least that many units
+    train(m, TrainData(x), cfg, tmp_path, progress=False,
+          on_step=lambda step, terms: fired_units.append(int((m.stats_last_nonzero == 0).sum())))
+    assert fired_units[0] >= 12 and m.cfg.topk == 2
+    assert m.encode(torch.from_numpy(x))[0].shape[1] == 2
 
 
 def test_self_contrastive_one_pass_equals_two_view_formula():
