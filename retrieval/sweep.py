@@ -10,7 +10,9 @@ ImageNet-1k (embeddings from inference/pretrained_embeddings.py):
 For each k in --ks it trains one CSR model (as the paper does) and evaluates exact 1-NN top-1 and mAP@10 with
 the sparse engine; every baseline runs at the same dims: truncation, PCA (fit on train), the MRL adaptor
 (Matryoshka loss on the frozen embeddings: `mrl` with labels, as MRL is trained; `mrl_unsup` without, the
-like-for-like match of CSR's default unsupervised recipe) and the full embedding. `--ablation-k` adds CSR variants at one k: contrastive term none/self/label and --recon-loss nmse.
+like-for-like match of CSR's default unsupervised recipe) and the full embedding. `--ablation-k` adds CSR
+variants at one k: contrastive term none/self/label, --recon-loss nmse, and the dead-latent fixes
+(geometric-median b_pre, untied unit-norm decoder); `--ablations` picks some.
 Writes results/<name>/{table.md, results.json, accuracy_vs_dims.png}, models under results/<name>/models and
 one JSON per finished part under results/<name>/parts (a re-run skips them unless --force).
 CSR flags (--epochs, --batch-size, --lr, --cl, ...) default to the paper's recipe; --topk is ignored (use --ks).
@@ -29,8 +31,15 @@ from csr.cli import add_train_args, bool_flag, configs_from_args, run  # noqa: E
 from csr.io import labels_path_for, load_embeddings, load_labels, read_sidecar  # noqa: E402
 from csr.sweep import Sweep, write_report  # noqa: E402
 
-ABLATIONS = {"cl=none": dict(cl="none"), "cl=self (paper)": dict(cl="self"), "cl=label": dict(cl="label"),
-             "cl=self, recon=nmse": dict(cl="self", recon_loss="nmse")}
+# variant -> (model config changes, training config changes), each applied to the sweep's recipe at --ablation-k
+ABLATIONS = {
+    "cl=none": ({}, dict(cl="none")),
+    "cl=self (paper)": ({}, dict(cl="self")),
+    "cl=label": ({}, dict(cl="label")),
+    "cl=self, recon=nmse": ({}, dict(cl="self", recon_loss="nmse")),
+    "b_pre=geometric median": ({}, dict(bpre_init="geometric_median")),
+    "b_pre=geometric median, untied decoder": (dict(tied=False), dict(bpre_init="geometric_median")),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--one-model-k", type=int, default=0,
                    help="with method csr_one: train ONE CSR at this k and evaluate it at every k in --ks")
     s.add_argument("--ablation-k", type=int, default=32, help="k of the ablation (0 = no ablation)")
+    s.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS), metavar="VARIANT",
+                   help="ablation variants (default: all): " + "; ".join(ABLATIONS))
     s.add_argument("--mrl-epochs", type=int, default=20, help="MRL adaptor epochs")
     s.add_argument("--mrl-heads", default="separate", choices=["separate", "shared"], help="MRL (separate) or MRL-E")
     bool_flag(s, "--force", default=False, help="recompute finished parts")
@@ -96,12 +107,13 @@ def main(argv=None) -> str:
             parts.append({**r, "row": "csr_one"})
     ablation = []
     if args.ablation_k:
-        for variant, change in ABLATIONS.items():
-            tcfg = replace(train_cfg, **change)
-            tag = f"ablation_k{args.ablation_k}_" + "_".join(f"{a}-{b}" for a, b in change.items())
-            if tcfg == train_cfg:  # the main run at this k is this variant: reuse it
+        for variant in args.ablations:
+            mchange, tchange = ABLATIONS[variant]
+            mcfg, tcfg = replace(model_cfg, **mchange), replace(train_cfg, **tchange)
+            tag = f"ablation_k{args.ablation_k}_" + "_".join(f"{a}-{b}" for a, b in {**mchange, **tchange}.items())
+            if (mcfg, tcfg) == (model_cfg, train_cfg):  # the main run at this k is this variant: reuse it
                 tag = f"csr_k{args.ablation_k}"
-            r = timed("ablation", lambda: sw.csr(args.ablation_k, model_cfg, tcfg, tag=tag))
+            r = timed("ablation", lambda: sw.csr(args.ablation_k, mcfg, tcfg, tag=tag))
             ablation.append({**r, "variant": variant})
     meta_out = {"name": name, "train_emb": args.train_emb, "eval_emb": args.eval_emb, "ks": args.ks,
                 "embedding_meta": meta, "stage_seconds": stage_seconds, "wall_seconds": time.time() - t_start,
