@@ -75,8 +75,10 @@ def main(argv=None) -> str:
     name = args.name or Path(args.train_emb).resolve().parent.name
     out = Path(args.out or Path("results") / name)
     meta = read_sidecar(args.train_emb)
-    header = args.header or (f"{name}: {meta.get('model_name', 'embeddings')} d={xtr.shape[1]}, "
-                             f"database {len(xtr)} / queries {len(xte)}")
+    backbone = meta.get("backbone") or meta.get("model_name") or meta.get("model") or "embeddings"
+    size = (meta.get("preprocessing") or {}).get("size")
+    header = args.header or (f"{name}: {backbone}{f' @ {size} px' if size else ''}, d={xtr.shape[1]}, "
+                             f"database {len(xtr)} (train split) / queries {len(xte)} (eval split)")
     model_cfg, train_cfg = configs_from_args(args, xtr.shape[1])
     print(f"sweep {name}: ks {args.ks}, methods {args.methods}\n  CSR {model_cfg}\n  {train_cfg}")
     sw = Sweep(out, xtr, ytr, xte, yte, force=args.force)
