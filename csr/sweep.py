@@ -6,6 +6,7 @@ unless `force`. The final table, JSON and plot are rebuilt from the parts each t
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -178,7 +179,7 @@ def plot(parts: list[dict], path: str | Path, title: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("active dimensions")
     ax.set_ylabel("1-NN top-1 accuracy (%)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 75)), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -192,7 +193,7 @@ def write_report(out: Path, parts: list[dict], ablation: list[dict], dims: list[
                  meta: dict[str, Any]) -> str:
     table = results_table(parts, dims, header)
     if ablation:
-        table += "\nAblation at one k (contrastive term, reconstruction loss scale):\n\n" + ablation_table(ablation)
+        table += "\nAblation at one k (contrastive term, reconstruction loss scale, dead-latent fixes):\n\n" + ablation_table(ablation)
     atomic_write_text(out / "table.md", table)
     atomic_write_json(out / "results.json", {**meta, "parts": parts, "ablation": ablation})
     plot(parts, out / "accuracy_vs_dims.png", header)
