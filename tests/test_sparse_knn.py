@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from csr.io import CSRError, SparseCodes
+from csr.knn import search
 from csr.sparse_knn import build_index, sparse_topk, sparse_topk_torch
 from csr.synthetic import authors_exponent, describe_skew, random_codes
 
@@ -236,3 +237,16 @@ def test_synthetic_skew_regimes():
     assert all(len(set(r)) == 16 for r in authors.indices[:500])  # distinct units within a row
     with pytest.raises(CSRError, match="impossible"):
         random_codes(10, 256, 64, "authors")
+
+
+def test_scipy_reference_sums_repeated_units_before_normalising():
+    rng = np.random.default_rng(11)
+    idx = rng.integers(0, 12, (300, 8))  # repeated units within rows
+    val = rng.random((300, 8)).astype(np.float32)
+    codes = SparseCodes(idx, val, 50)
+    np.testing.assert_allclose(codes.to_dense(normalize=True), dense_normalized(codes), atol=1e-6)
+    db, q = SparseCodes(idx[:250], val[:250], 50), SparseCodes(idx[250:], val[250:], 50)
+    ref = search(q, db, 5, backend="scipy", progress=False)
+    fast = sparse_topk(q, db, 5, progress=False)
+    np.testing.assert_allclose(ref[1], fast[1], atol=TOL)
+    assert_same_as_faiss(q, db, 5, *ref)
