@@ -24,7 +24,7 @@ from csr.train import TrainConfig, TrainData, train
 
 METHOD_NAMES = {"full": "full-dim", "trunc": "truncation", "pca": "PCA", "mrl": "MRL adaptor (labels)",
                 "mrl_unsup": "MRL adaptor (no labels)", "csr": "CSR", "csr_one": "CSR (one model, k varied at inference)"}
-ROWS = ("csr", "csr_one", "mrl", "mrl_unsup", "pca", "trunc")
+STYLES = {"csr": "o-", "csr_one": "o--", "mrl": "s-", "mrl_unsup": "s--", "pca": "^-", "trunc": "v-"}  # table rows
 
 
 def evaluate(db, queries, db_labels: np.ndarray, q_labels: np.ndarray, K: int = 10) -> dict[str, float]:
@@ -138,7 +138,7 @@ def results_table(parts: list[dict], dims: list[int], header: str) -> str:
     """Rows = methods, columns = active dims (1-NN top-1 %), plus dead latents of CSR models."""
     rows = []
     full = next((p for p in parts if p["method"] == "full"), None)
-    for method in ROWS:
+    for method in STYLES:
         by_d = {p["dims"]: p for p in parts if p.get("row", p["method"]) == method}
         if not by_d:
             continue
@@ -168,8 +168,7 @@ def plot(parts: list[dict], path: str | Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    styles = {"csr": "o-", "csr_one": "o--", "mrl": "s-", "mrl_unsup": "s--", "pca": "^-", "trunc": "v-"}
-    for method, style in styles.items():
+    for method, style in STYLES.items():
         pts = sorted((p["dims"], p["top1"]) for p in parts if p.get("row", p["method"]) == method)
         if pts:
             ax.plot(*zip(*pts), style, label=METHOD_NAMES[method])

@@ -142,13 +142,12 @@ def test_k_annealing_starts_wide_and_ends_at_k(tmp_path):
     assert annealed_k(0, 8, 0, 8) == 8  # off
     m = make_model(d=16, h=64, k=2)
     x = np.random.default_rng(0).normal(size=(100, 16)).astype(np.float32)
-    fired_units = []
-    cfg = TrainConfig(batch_size=20, epochs=2, cl="none", k_start=12, k_anneal_steps=6)
-    # the first step fires up to 12 units per sample: deadness counters reset for at least that many units
-    train(m, TrainData(x), cfg, tmp_path, progress=False,
-          on_step=lambda step, terms: fired_units.append(int((m.stats_last_nonzero == 0).sum())))
-    assert fired_units[0] >= 12 and m.cfg.topk == 2
-    assert m.encode(torch.from_numpy(x))[0].shape[1] == 2
+    seen, forward = [], m.forward
+    m.forward = lambda *a, **kw: (seen.append(kw["k"]), forward(*a, **kw))[1]  # the k of every training step
+    train(m, TrainData(x), TrainConfig(batch_size=20, epochs=2, cl="none", k_start=12, k_anneal_steps=6), tmp_path,
+          progress=False)
+    assert seen == [annealed_k(s, 2, 12, 6) for s in range(10)] and seen[0] == 12 and seen[-4:] == [2] * 4
+    assert m.cfg.topk == 2 and m.encode(torch.from_numpy(x))[0].shape[1] == 2
 
 
 def test_self_contrastive_one_pass_equals_two_view_formula():
