@@ -146,8 +146,9 @@ class CSR(nn.Module):
         k = self.cfg.topk if k is None else k
         if not 1 <= k <= self.cfg.hidden_size:
             raise ValueError(f"k must be in [1, {self.cfg.hidden_size}], got {k}")
-        xp, _ = self.preprocess(x)
-        vals, idx = torch.topk(self.pre_activation(xp), k, dim=-1)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # codes never depend on autocast
+            xp, _ = self.preprocess(x.float())
+            vals, idx = torch.topk(self.pre_activation(xp), k, dim=-1)
         return idx, F.relu(vals)
 
     # ---------------------------------------------------------------- training
@@ -168,6 +169,14 @@ class CSR(nn.Module):
         reconstructions from k and multi_k units, and, when `dead` has units, the AuxK code
         (top-`auxk` pre-activations among dead units) and its bias-free reconstruction.
         """
+        # The whole step runs in float32 even under autocast: the top-k is then selected from the same
+        # pre-activations `encode` computes (bf16 would reorder near-ties and change the codes), and the sparse
+        # decoder's `embedding_bag` needs weights and per-sample weights of one dtype.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._forward(x.float(), k, multi_k, auxk, dead)
+
+    def _forward(self, x: torch.Tensor, k: int | None, multi_k: int | None, auxk: int | None,
+                 dead: torch.Tensor | None) -> dict[str, torch.Tensor]:
         k = self.cfg.topk if k is None else k
         multi_k = min(4 * k if multi_k is None else multi_k, self.cfg.hidden_size)
         auxk = self.cfg.auxk if auxk is None else auxk

@@ -37,7 +37,7 @@ from csr.checkpoint import save_checkpoint
 from csr.distributed import Runtime, all_reduce_, barrier
 from csr.io import CSRError, NpyWriter, atomic_save_npy, atomic_write_text, read_sidecar, write_sidecar
 from csr.model import CSR
-from csr.train import Batches, TrainConfig, TrainData, accumulate, make_scheduler, optimizer_step, step_losses
+from csr.train import Batches, TrainConfig, TrainData, accumulate, autocast, make_scheduler, optimizer_step, step_losses
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXT = "txt"
@@ -546,7 +546,6 @@ def train_multimodal(model: CSR, source, cfg: TrainConfig, out_dir: str | Path, 
     if rt.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    use_amp = cfg.amp and rt.device.type == "cuda"
     hidden, k = model.cfg.hidden_size, model.cfg.topk
     multi_k = cfg.multi_k or 4 * k
     summary: dict[str, Any] = {"epochs": cfg.epochs, "steps": step}
@@ -571,7 +570,7 @@ def train_multimodal(model: CSR, source, cfg: TrainConfig, out_dir: str | Path, 
             img, txt = batch
             x = torch.cat([img, txt]).float()
             dead = model.dead_mask()
-            with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with autocast(rt.device, cfg.amp):
                 out = net(x, k=k, multi_k=multi_k, dead=dead)
                 terms = multimodal_losses(out, x, cfg, hidden, logit_scale, cl_on, rt.distributed)
             optimizer_step(model, opt, sched, terms["total"], out["idx"][:, :k], cfg.grad_clip)

@@ -187,6 +187,18 @@ class Batches:
 
 # ----------------------------------------------------------------------------- the loop
 
+AMP_DEVICE_TYPES = ("cuda",)  # bf16 autocast is slower than fp32 on CPU; tests add "cpu" to check the AMP path
+
+
+def autocast(device: torch.device, enabled: bool):
+    """The bfloat16 autocast of a training step (`--amp`): on for CUDA, a no-op elsewhere.
+
+    Only the loss arithmetic is affected: `CSR.forward` runs in float32 (top-k from fp32 pre-activations).
+    """
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=enabled and device.type in AMP_DEVICE_TYPES)
+
+
 def annealed_k(step: int, k: int, k_start: int, anneal_steps: int) -> int:
     """Active units at `step`: k_start decreasing linearly to k over `anneal_steps` (k when annealing is off)."""
     if k_start <= k or anneal_steps <= 0 or step >= anneal_steps:
@@ -263,7 +275,6 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
     if rt.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    use_amp = cfg.amp and rt.device.type == "cuda"
     hidden, k = model.cfg.hidden_size, model.cfg.topk
     multi_k = cfg.multi_k or 4 * k
     summary: dict[str, Any] = {"epochs": cfg.epochs, "steps": step}
@@ -283,7 +294,7 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
                 labels = labels.to(rt.device)
             dead = model.dead_mask()
             k_now = annealed_k(step, k, min(cfg.k_start, hidden // 4), anneal_steps)
-            with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with autocast(rt.device, cfg.amp):
                 out = net(x, k=k_now, multi_k=max(multi_k, 4 * k_now), dead=dead)
                 terms = step_losses(out, x, cfg, hidden, labels, rt.distributed)
             optimizer_step(model, opt, sched, terms["total"], out["idx"][:, :k_now], cfg.grad_clip)

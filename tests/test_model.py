@@ -209,3 +209,64 @@ def test_nmse_recon_loss_is_mse_over_batch_variance():
     b = step_losses(out, x, TrainConfig(cl="none", recon_loss="nmse"), 96)
     var = x.var(0, unbiased=False).mean()
     assert math.isclose(float(b["recon_k"].detach()), float(a["recon_k"].detach() / var), rel_tol=1e-5)
+
+
+# ----------------------------------------------------------------------------- mixed precision (CPU autocast)
+
+def grads_of(m: CSR) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("cl", ["self", "label", "none"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_bf16_autocast_step_selects_fp32_codes_and_matches_fp32_gradients(cl, tied):
+    """Under bf16 autocast (the CUDA default) a step runs, picks exactly the fp32 top-k, and its loss and
+    gradients agree with the fp32 step to 1e-4 relative (the sparse part runs in fp32; only loss ops autocast)."""
+    m = make_model(d=32, h=128, k=4, auxk=16, tied=tied)
+    x = torch.randn(64, 32)
+    labels = torch.randint(0, 5, (64,))
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[::3] = True
+    cfg = TrainConfig(cl=cl, cl_coef=0.5)
+    res = {}
+    for amp in (False, True):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = m(x, k=4, multi_k=16, dead=dead)
+            terms = step_losses(out, x, cfg, 128, labels)
+        terms["total"].backward()
+        res[amp] = (out, {k: float(v.detach()) for k, v in terms.items()}, grads_of(m))
+    (o32, t32, g32), (o16, t16, g16) = res[False], res[True]
+    assert torch.equal(o16["idx"], o32["idx"]) and torch.equal(o16["aux_idx"], o32["aux_idx"])
+    assert torch.equal(o16["idx"][:, :4], m.encode(x, 4)[0])  # training codes are the inference codes
+    assert o16["vals"].dtype == torch.float32 and o16["recon_k"].dtype == torch.float32
+    for name in t32:
+        assert t16[name] == pytest.approx(t32[name], rel=1e-4, abs=1e-7), name
+    assert g16.keys() == g32.keys()
+    for name in g32:
+        assert torch.allclose(g16[name], g32[name], rtol=1e-4, atol=1e-6 * float(g32[name].abs().max())), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx, vals = m.encode(x, 4)
+    assert vals.dtype == torch.float32 and torch.equal(idx, o32["idx"][:, :4])
+
+
+def test_visual_trainer_with_amp_matches_fp32_run(tmp_path, monkeypatch):
+    """The training loop's AMP path (enabled on CPU for the test) ends within 1e-4 of the fp32 run's weights."""
+    import csr.train as T
+    x = np.random.default_rng(0).normal(size=(200, 16)).astype(np.float32)
+    runs = {}
+    for amp in (False, True):
+        monkeypatch.setattr(T, "AMP_DEVICE_TYPES", ("cuda", "cpu") if amp else ("cuda",))
+        m = make_model(d=16, h=64, k=2, auxk=8)
+        seen = []
+        fwd = m.forward
+        m.forward = lambda *a, **kw: (seen.append(torch.is_autocast_enabled("cpu")), fwd(*a, **kw))[1]
+        train(m, TrainData(x), TrainConfig(batch_size=50, epochs=2, cl="self", amp=True), tmp_path / str(amp),
+              progress=False)
+        assert seen == [amp] * 8  # autocast really was on (or off) around every step
+        runs[amp] = m.state_dict()
+    for name, v in runs[False].items():
+        if v.dtype.is_floating_point:
+            assert torch.allclose(runs[True][name], v, rtol=1e-4, atol=1e-5), name
+        else:
+            assert torch.equal(runs[True][name], v), name

@@ -342,3 +342,24 @@ def test_input_dim_mismatch_and_checkpoint_of_another_width(fx, tmp_path):
 def test_hub_tag_without_weights_is_a_clear_error():
     with pytest.raises(CSRError, match="nothing is downloaded.*--pretrained /path/to/weights --force-quick-gelu"):
         mm.load_clip("ViT-B-16", "dfn2b")
+
+
+def test_multimodal_step_under_bf16_autocast_matches_fp32():
+    """A multimodal step (shared CSR on [images; texts], InfoNCE on reconstructions or codes) runs under bf16
+    autocast and gives the fp32 loss and gradients to 1e-4 relative."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 16)
+    for cl_on in ("recon", "codes"):
+        res = {}
+        for amp in (False, True):
+            torch.manual_seed(1)
+            model = CSR(CSRConfig(input_dim=16, hidden_size=64, topk=4, auxk=8))
+            dead = torch.arange(64) % 2 == 0
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                out = model(x, k=4, multi_k=16, dead=dead)
+                terms = mm.multimodal_losses(out, x, TrainConfig(cl="none", cl_coef=1.0), 64, 50.0, cl_on)
+            terms["total"].backward()
+            res[amp] = (float(terms["total"].detach()), {n: p.grad for n, p in model.named_parameters()})
+        assert res[True][0] == pytest.approx(res[False][0], rel=1e-4), cl_on
+        for n, g in res[False][1].items():
+            assert torch.allclose(res[True][1][n], g, rtol=1e-4, atol=1e-6 * float(g.abs().max())), (cl_on, n)
