@@ -1,10 +1,12 @@
 """The Table-4 experiment: 1-NN top-1 (and mAP@10) against active dimensions, CSR vs baselines.
 
-Every (method, dims) result is a small JSON under `<out>/parts/`; a re-run skips the parts that exist
-unless `force`. The final table, JSON and plot are rebuilt from the parts each time.
+Every (method, dims) result is a small JSON `<out>/parts/{key}.{digest}.json`, the digest covering everything
+it depends on; a re-run reuses a part only when that digest matches (or recomputes all with `force`). The final table,
+JSON and plot are rebuilt from the parts each time.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import textwrap
 import time
@@ -13,14 +15,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch.distributed as dist
 
 from csr.baselines import PCA, MRLConfig, matryoshka_dims, mrl_transform, train_mrl, truncate
+from csr.distributed import Runtime
 from csr.encode import dead_fraction, encode_array
-from csr.io import SparseCodes, atomic_write_json, atomic_write_text
+from csr.io import CSRError, SparseCodes, atomic_write_json, atomic_write_text
 from csr.knn import search
 from csr.metrics import markdown_table, retrieval_metrics
 from csr.model import CSR, CSRConfig
-from csr.train import TrainConfig, TrainData, train
+from csr.provenance import code_digest, digest
+from csr.train import AMP_DEVICE_TYPES, TrainConfig, TrainData, train
 
 METHOD_NAMES = {"full": "full-dim", "trunc": "truncation", "pca": "PCA", "mrl": "MRL adaptor (labels)",
                 "mrl_unsup": "MRL adaptor (no labels)", "csr": "CSR", "csr_one": "CSR (one model, k varied at inference)"}
@@ -34,58 +39,138 @@ def evaluate(db, queries, db_labels: np.ndarray, q_labels: np.ndarray, K: int = 
     return {"top1": m["top1"], f"mAP@{K}": m[f"mAP@{K}"]}
 
 
-class Sweep:
-    """Runs and caches the parts of one sweep in `out`."""
+def array_identity(*arrays: np.ndarray | None) -> str:
+    """Content hash of in-memory arrays (used when a sweep is not given its files' identities)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if a is None:
+            h.update(b"none")
+            continue
+        h.update(f"{a.shape}{a.dtype}".encode())
+        for s in range(0, len(a), 65536):
+            h.update(np.ascontiguousarray(a[s:s + 65536]).tobytes())
+    return h.hexdigest()[:16]
 
-    def __init__(self, out: str | Path, xtr, ytr, xte, yte, force: bool = False, progress: bool = True):
+
+def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the leaves that differ between two JSON-like objects."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += changed_fields(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".") or "(all)"]
+
+
+class Sweep:
+    """Runs and caches the parts of one sweep in `out`.
+
+    Each part is keyed by a digest of everything that determines it: the data (`data_id`: the files' identity,
+    or a content hash of the arrays), the method's configuration, the seed, the runtime that trains CSR and
+    the library code (`csr.provenance.code_digest`). A cached part is reused only when its digest matches;
+    otherwise it is recomputed and the changed inputs are printed. Under DDP every rank trains the CSR models
+    together; rank 0 alone runs the baselines, evaluates and writes.
+    """
+
+    def __init__(self, out: str | Path, xtr, ytr, xte, yte, force: bool = False, progress: bool = True,
+                 data_id: Any = None, rt: Runtime | None = None):
         self.out = Path(out)
         self.parts = self.out / "parts"
         self.xtr, self.ytr, self.xte, self.yte = xtr, ytr, xte, yte
         self.force, self.progress = force, progress
+        self.rt = rt or Runtime()
+        self.data_id = data_id if data_id is not None else array_identity(xtr, ytr, xte, yte)
         self._pca: PCA | None = None
         self._mrl: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
+        self.reused: list[str] = []
+        self.computed: list[str] = []
 
-    def part(self, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        path = self.parts / f"{key}.json"
-        if path.exists() and not self.force:
-            res = json.loads(path.read_text())
-            res["cached"] = True
-            return res
+    def inputs(self, **config: Any) -> dict[str, Any]:
+        """What a part depends on, besides its own configuration."""
+        return {"data": self.data_id, "code": code_digest(), **config}
+
+    def _decide(self, key: str, digest_now: str) -> tuple[bool, dict | None]:
+        """(reuse?, the cached part or, if none matches, the latest other version of `key`) as rank 0 sees it;
+        the decision is broadcast so that every rank takes the same branch."""
+        found = None
+        if self.rt.is_main:
+            path = self.parts / f"{key}.{digest_now}.json"
+            versions = [path] if path.exists() else sorted(self.parts.glob(f"{key}.*.json"),
+                                                           key=lambda p: p.stat().st_mtime_ns)[-1:]
+            for p in versions:
+                try:
+                    found = json.loads(p.read_text())
+                except json.JSONDecodeError:
+                    found = None
+        reuse = bool(found is not None and not self.force and found.get("digest") == digest_now)
+        if self.rt.distributed:
+            box = [reuse]
+            dist.broadcast_object_list(box, src=0)
+            reuse = box[0]
+        return reuse, found
+
+    def part(self, key: str, inputs: dict[str, Any], fn: Callable[[], dict[str, Any]],
+             all_ranks: bool = False) -> dict[str, Any]:
+        """The result of part `key`: the cached JSON whose digest matches `inputs`, else `fn()` (then cached as
+        `parts/{key}.{digest}.json`, beside the versions of other configurations, which stay reusable).
+
+        `fn` runs on rank 0 only unless `all_ranks` (CSR training); other ranks get `{}`.
+        """
+        d = digest(inputs)
+        reuse, old = self._decide(key, d)
+        if reuse:
+            self.reused.append(key)
+            if not self.rt.is_main:
+                return {}
+            return {**old, "cached": True}
+        if self.rt.is_main:
+            why = "--force" if self.force and old and old.get("digest") == d else "no cached part" if old is None \
+                else "changed: " + ", ".join(changed_fields(old.get("inputs"), inputs)[:6])
+            print(f"  computing {key} ({why})", flush=True)
+        if not (all_ranks or self.rt.is_main):
+            return {}
         t0 = time.time()
         res = fn()
-        res["seconds"] = round(time.time() - t0, 2)
-        res["key"] = key
-        atomic_write_json(path, res)
+        if not self.rt.is_main:
+            return {}
+        if not np.isfinite(res.get("top1", np.nan)):
+            raise CSRError(f"sweep part {key}: top-1 is {res.get('top1')} (not cached); check the inputs")
+        res.update(seconds=round(time.time() - t0, 2), key=key, digest=d, inputs=inputs)
+        atomic_write_json(self.parts / f"{key}.{d}.json", res)
+        self.computed.append(key)
         print(f"  {key}: top1 {res['top1']:.2f}  ({res['seconds']:.1f}s)", flush=True)
         return res
 
     # ------------------------------------------------------------------ dense baselines
     def full(self) -> dict:
-        return self.part("full", lambda: {"method": "full", "dims": self.xtr.shape[1],
-                                          **evaluate(self.xtr, self.xte, self.ytr, self.yte)})
+        return self.part("full", self.inputs(method="full"), lambda: {
+            "method": "full", "dims": self.xtr.shape[1], **evaluate(self.xtr, self.xte, self.ytr, self.yte)})
 
     def trunc(self, d: int) -> dict:
-        return self.part(f"trunc_{d}", lambda: {"method": "trunc", "dims": d, **evaluate(
-            truncate(self.xtr, d), truncate(self.xte, d), self.ytr, self.yte)})
+        return self.part(f"trunc_{d}", self.inputs(method="trunc", dims=d), lambda: {
+            "method": "trunc", "dims": d, **evaluate(truncate(self.xtr, d), truncate(self.xte, d), self.ytr, self.yte)})
 
     def pca(self, d: int) -> dict:
+        max_dim = min(self.xtr.shape[1], 2048)
+
         def run():
             if self._pca is None:
-                self._pca = PCA(min(self.xtr.shape[1], 2048)).fit(self.xtr)
+                self._pca = PCA(max_dim).fit(self.xtr)
             return {"method": "pca", "dims": d, **evaluate(self._pca.transform(self.xtr, d),
                                                            self._pca.transform(self.xte, d), self.ytr, self.yte)}
-        return self.part(f"pca_{d}", run)
+        return self.part(f"pca_{d}", self.inputs(method="pca", dims=d, max_dim=max_dim), run)
 
     def mrl(self, d: int, cfg: MRLConfig, supervised: bool = True) -> dict:
         method = "mrl" if supervised else "mrl_unsup"
+        dims = tuple(sorted(set(matryoshka_dims(self.xtr.shape[1])) | {d}))
+        full_cfg = replace(cfg, dims=dims)
 
         def run():
             if method not in self._mrl:
                 t0 = time.time()
-                dims = tuple(sorted(set(matryoshka_dims(self.xtr.shape[1])) | {d}))
-                self._mrl[method] = train_mrl(self.xtr, self.ytr if supervised else None, replace(cfg, dims=dims),
-                                              progress=self.progress)
+                self._mrl[method] = train_mrl(self.xtr, self.ytr if supervised else None, full_cfg,
+                                              progress=self.progress, device=str(self.rt.device))
                 self.timings[f"{method}_train"] = time.time() - t0
             head = self._mrl[method]
             if d not in head.dims:
@@ -93,21 +178,28 @@ class Sweep:
             return {"method": method, "dims": d, "supervised": supervised, "config": asdict(cfg),
                     **evaluate(mrl_transform(head, self.xtr, d), mrl_transform(head, self.xte, d),
                                self.ytr, self.yte)}
-        return self.part(f"{method}_{d}", run)
+        return self.part(f"{method}_{d}", self.inputs(method=method, dims=d, config=asdict(full_cfg)), run)
 
     # ------------------------------------------------------------------ CSR
-    def csr_model(self, tag: str, model_cfg: CSRConfig, train_cfg: TrainConfig) -> tuple[CSR, dict]:
-        """Train (or load the finished) CSR model `tag` under out/models/tag."""
+    def runtime_id(self, train_cfg: TrainConfig) -> dict[str, Any]:
+        """The part of the runtime that changes a trained model's numbers."""
+        dev = self.rt.device.type
+        return {"device": dev, "world_size": self.rt.world_size, "amp": bool(train_cfg.amp and dev in AMP_DEVICE_TYPES)}
+
+    def csr_model(self, tag: str, model_cfg: CSRConfig, train_cfg: TrainConfig, model_digest: str) -> tuple[CSR, dict]:
+        """Train (or load the finished) CSR model `tag` under out/models/tag; reused only if its digest matches."""
         from csr.checkpoint import load_model
-        mdir = self.out / "models" / tag
+        mdir = self.out / "models" / f"{tag}.{model_digest}"
         ckpt = mdir / "csr.pt"
         if ckpt.exists() and not self.force:
             model, saved = load_model(ckpt)
-            return model, {"train_seconds": saved.get("train_seconds", 0.0), "steps": saved.get("step")}
+            if saved.get("sweep_digest") == model_digest and saved.get("complete"):
+                return model, {"train_seconds": saved.get("train_seconds", 0.0), "steps": saved.get("step")}
         model = CSR(model_cfg)
         t0 = time.time()
         labels = self.ytr if train_cfg.cl == "label" else None
-        summary = train(model, TrainData(self.xtr, labels), train_cfg, mdir, progress=self.progress)
+        summary = train(model, TrainData(self.xtr, labels), train_cfg, mdir, rt=self.rt, progress=self.progress,
+                        extra={"sweep_digest": model_digest})
         return model, {"train_seconds": time.time() - t0, "steps": summary["steps"]}
 
     def csr(self, k: int, model_cfg: CSRConfig, train_cfg: TrainConfig, tag: str | None = None,
@@ -116,12 +208,18 @@ class Sweep:
         tag = tag or f"csr_k{k}"
         ek = eval_k or k
         key = f"{tag}_at{ek}" if eval_k else tag
+        mcfg = replace(model_cfg, topk=k)
+        recipe = {k: v for k, v in asdict(train_cfg).items() if k != "amp"}  # the effective AMP is in runtime
+        model_inputs = self.inputs(method="csr", model_config=mcfg.to_dict(), train_config=recipe,
+                                   runtime=self.runtime_id(train_cfg))
 
         def run():
-            model, info = self.csr_model(tag, replace(model_cfg, topk=k), train_cfg)
+            model, info = self.csr_model(tag, mcfg, train_cfg, digest(model_inputs))
+            if not self.rt.is_main:
+                return {}
             t0 = time.time()
-            db = encode_array(model, self.xtr, ek, progress=False, labels=self.ytr)
-            q = encode_array(model, self.xte, ek, progress=False, labels=self.yte)
+            db = encode_array(model, self.xtr, ek, progress=False, labels=self.ytr, device=self.rt.device)
+            q = encode_array(model, self.xte, ek, progress=False, labels=self.yte, device=self.rt.device)
             t_enc = time.time() - t0
             t0 = time.time()
             res = evaluate(db, q, self.ytr, self.yte)
@@ -129,7 +227,11 @@ class Sweep:
                     "dead_fraction": dead_fraction(db), "train_seconds": info["train_seconds"],
                     "encode_seconds": t_enc, "knn_seconds": time.time() - t0, "steps": info["steps"],
                     "model_config": model.cfg.to_dict(), "train_config": asdict(train_cfg)}
-        return self.part(key, run)
+        return self.part(key, {**model_inputs, "eval_k": ek}, run, all_ranks=True)
+
+    def summary(self) -> str:
+        return (f"reused {len(self.reused)} cached parts" + (f" ({', '.join(self.reused)})" if self.reused else "")
+                + f"; computed {len(self.computed)}" + (f" ({', '.join(self.computed)})" if self.computed else ""))
 
 
 # ---------------------------------------------------------------------- reporting

@@ -230,11 +230,13 @@ def accumulate(sums: dict[str, float], terms: dict[str, torch.Tensor]) -> None:
 
 def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt: Runtime | None = None,
           args: dict[str, Any] | None = None, resume: bool = False, progress: bool = True,
-          on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+          on_step: Callable[[int, dict], None] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train `model` on `data`; writes `out_dir/{last.pt, csr.pt, log.jsonl, csr.json}`; returns a summary.
 
-    `on_step(global_step, terms)` is called after every optimiser step (used by tests to simulate a crash).
+    `on_step(global_step, terms)` is called after every optimiser step (used by tests to simulate a crash);
+    `extra` is stored in every checkpoint (e.g. the sweep's digest of the run's inputs).
     """
+    t_start = time.time()
     rt = rt or Runtime()
     out_dir = Path(out_dir)
     if cfg.cl == "pair" and data.x_pair is None:
@@ -320,11 +322,11 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
         log_lines.append(json.dumps(stats))
         summary.update(stats)
         if rt.is_main:
-            extra = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, step=step,
-                         train_config=asdict(cfg), args=args or {})
-            save_checkpoint(last, model, **extra)
+            state = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, step=step,
+                         train_config=asdict(cfg), args=args or {}, **(extra or {}))
+            save_checkpoint(last, model, **state)
             if cfg.keep_epochs:
-                save_checkpoint(out_dir / f"epoch{epoch:03d}.pt", model, **extra)
+                save_checkpoint(out_dir / f"epoch{epoch:03d}.pt", model, **state)
             atomic_write_text(out_dir / "log.jsonl", "\n".join(log_lines) + "\n")
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats.get('loss_total', float('nan')):.5g} "
                   f"(recon_k {stats.get('loss_recon_k', float('nan')):.4g}, cl {stats.get('loss_cl', float('nan')):.4g}), "
@@ -333,7 +335,8 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
     if rt.is_main:
         final = out_dir / "csr.pt"
         save_checkpoint(final, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                        epoch=cfg.epochs - 1, step=step, train_config=asdict(cfg), args=args or {}, complete=True)
+                        epoch=cfg.epochs - 1, step=step, train_config=asdict(cfg), args=args or {}, complete=True,
+                        train_seconds=time.time() - t_start, **(extra or {}))
         write_sidecar(final, model_config=model.cfg.to_dict(), train_config=asdict(cfg), steps=step,
                       final_stats={k: v for k, v in summary.items() if k != "epochs"})
         summary["checkpoint"] = str(final)

@@ -3,9 +3,12 @@
 Built-in data (what `make demo` runs after extracting Fashion-MNIST EfficientNet-Lite0 embeddings):
     python retrieval/sweep.py --train-emb .cache/fmnist/emb/train_emb.npy --eval-emb .cache/fmnist/emb/val_emb.npy \
         --name fmnist_effnetlite0
-ImageNet-1k (embeddings from inference/pretrained_embeddings.py):
+ImageNet-1k (embeddings from inference/pretrained_embeddings.py; CSR trains on the GPU with bf16 AMP when
+CUDA is present, --device/--gpu/--amp as in main_visual.py), on one GPU or several:
     python retrieval/sweep.py --train-emb in1k/train_emb.npy --eval-emb in1k/val_emb.npy --name in1k_resnet50d \
         --hidden-size 8192
+    torchrun --nproc_per_node=4 retrieval/sweep.py --train-emb in1k/train_emb.npy --eval-emb in1k/val_emb.npy \
+        --name in1k_resnet50d --hidden-size 8192 --use_ddp True
 
 For each k in --ks it trains one CSR model (as the paper does) and evaluates exact 1-NN top-1 and mAP@10 with
 the sparse engine; every baseline runs at the same dims: truncation, PCA (fit on train), the MRL adaptor
@@ -14,7 +17,9 @@ like-for-like match of CSR's default unsupervised recipe) and the full embedding
 variants at one k: contrastive term none/self/label, --recon-loss nmse, and the dead-latent fixes
 (geometric-median b_pre, untied unit-norm decoder); `--ablations` picks some.
 Writes results/<name>/{table.md, results.json, accuracy_vs_dims.png}, models under results/<name>/models and
-one JSON per finished part under results/<name>/parts (a re-run skips them unless --force).
+one JSON per finished part under results/<name>/parts. A re-run reuses a part only when the digest of all it
+depends on matches (data files' path/size/mtime/shape, method and training configs, seed, runtime, the csr/
+library's source hash), recomputes the others, and prints which parts were reused (--force: recompute all).
 CSR flags (--epochs, --batch-size, --lr, --cl, ...) default to the paper's recipe; --topk is ignored (use --ks).
 """
 from __future__ import annotations
@@ -26,9 +31,11 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from csr import distributed  # noqa: E402
 from csr.baselines import MRLConfig  # noqa: E402
 from csr.cli import add_train_args, bool_flag, configs_from_args, run  # noqa: E402
 from csr.io import labels_path_for, load_embeddings, load_labels, read_sidecar  # noqa: E402
+from csr.provenance import file_identity  # noqa: E402
 from csr.sweep import Sweep, write_report  # noqa: E402
 
 # variant -> (model config changes, training config changes), each applied to the sweep's recipe at --ablation-k
@@ -80,8 +87,22 @@ def main(argv=None) -> str:
     header = args.header or (f"{name}: {backbone}{f' @ {size} px' if size else ''}, d={xtr.shape[1]}, "
                              f"database {len(xtr)} (train split) / queries {len(xte)} (eval split)")
     model_cfg, train_cfg = configs_from_args(args, xtr.shape[1])
-    print(f"sweep {name}: ks {args.ks}, methods {args.methods}\n  CSR {model_cfg}\n  {train_cfg}")
-    sw = Sweep(out, xtr, ytr, xte, yte, force=args.force)
+    rt = distributed.setup(args.use_ddp, args.device, args.gpu)
+    try:
+        return run_sweep(args, rt, xtr, ytr, xte, yte, name, out, meta, header, model_cfg, train_cfg, t_start)
+    finally:
+        distributed.cleanup()
+
+
+def run_sweep(args, rt, xtr, ytr, xte, yte, name, out, meta, header, model_cfg, train_cfg, t_start) -> str:
+    """Every part in order (all ranks step through it together under DDP); rank 0 writes the report."""
+    data_id = {f: file_identity(p) for f, p in (("train_emb", args.train_emb), ("eval_emb", args.eval_emb),
+                                                ("train_labels", labels_path_for(args.train_emb)),
+                                                ("eval_labels", labels_path_for(args.eval_emb)))}
+    if rt.is_main:
+        print(f"sweep {name}: ks {args.ks}, methods {args.methods}\n  CSR {model_cfg}\n  {train_cfg}\n"
+              f"  runtime: device {rt.device}, world size {rt.world_size}, amp {train_cfg.amp}")
+    sw = Sweep(out, xtr, ytr, xte, yte, force=args.force, data_id=data_id, rt=rt, progress=rt.is_main)
     parts, stage_seconds = [], {}
 
     def timed(stage, fn):  # compute time of each stage as recorded by its parts (also when read from the cache)
@@ -116,6 +137,8 @@ def main(argv=None) -> str:
                 tag = f"csr_k{args.ablation_k}"
             r = timed("ablation", lambda: sw.csr(args.ablation_k, mcfg, tcfg, tag=tag))
             ablation.append({**r, "variant": variant})
+    if not rt.is_main:
+        return ""
     meta_out = {"name": name, "train_emb": args.train_emb, "eval_emb": args.eval_emb, "ks": args.ks,
                 "embedding_meta": meta, "stage_seconds": stage_seconds, "wall_seconds": time.time() - t_start,
                 "command": " ".join(sys.argv)}
@@ -124,6 +147,7 @@ def main(argv=None) -> str:
     print(table)
     print("stage compute time (s, as each part recorded it): "
           + ", ".join(f"{k} {v:.0f}" for k, v in stage_seconds.items()))
+    print(sw.summary())
     print(f"wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'accuracy_vs_dims.png'}")
     return table
 

@@ -1,5 +1,6 @@
 """Baselines (truncation, PCA, MRL adaptor) and the sweep on real Fashion-MNIST pixels."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -84,8 +85,48 @@ def test_sweep_writes_consistent_table_json_png_and_reuses_parts(pixels, tmp_pat
     assert 0 <= parts["csr_k8"]["dead_fraction"] <= 1 and parts["csr_k8"]["steps"] == 24
     assert {a["variant"] for a in res["ablation"]} == set(sweep.ABLATIONS)
     assert parts["csr_k16"]["top1"] > parts["trunc_16"]["top1"]
-    mtime = (tmp_path / "parts" / "csr_k8.json").stat().st_mtime_ns
+    csr_part = next((tmp_path / "parts").glob("csr_k8.*.json"))
+    mtime = csr_part.stat().st_mtime_ns
     capsys.readouterr()
     again = sweep.main(argv)
-    assert again == table and (tmp_path / "parts" / "csr_k8.json").stat().st_mtime_ns == mtime
-    assert "csr_k8: top1" not in capsys.readouterr().out  # nothing recomputed
+    assert again == table and csr_part.stat().st_mtime_ns == mtime
+    out = capsys.readouterr().out
+    assert recomputed(out) == set() and "reused 13 cached parts" in out  # same flags: everything reused
+
+
+def recomputed(out: str) -> set[str]:
+    return set(re.findall(r"computing (\S+) \(", out))
+
+
+def test_sweep_recomputes_exactly_the_parts_a_change_affects(pixels, tmp_path, capsys):
+    """Never a stale number: a changed flag or data file recomputes the parts that depend on it, and only those."""
+    d = pixels["dir"]
+    data = ["--train-emb", str(d / "train_emb.npy"), "--eval-emb", str(d / "val_emb.npy"), "--out", str(tmp_path)]
+    base = ["--ks", "8", "--methods", "csr", "pca", "trunc", "mrl_unsup", "--epochs", "2", "--batch-size", "500",
+            "--hidden-size", "256", "--auxk", "32", "--ablation-k", "0", "--mrl-epochs", "1"]
+    first = sweep.main(data + base)
+    assert recomputed(capsys.readouterr().out) == {"csr_k8", "pca_8", "trunc_8", "mrl_unsup_8"}
+    sweep.main(data + base)
+    assert recomputed(capsys.readouterr().out) == set()
+    cases = [(["--epochs", "3"], {"csr_k8"}), (["--lr", "1e-3"], {"csr_k8"}), (["--cl", "none"], {"csr_k8"}),
+             (["--hidden-size", "128"], {"csr_k8"}), (["--seed", "5"], {"csr_k8", "mrl_unsup_8"}),
+             (["--mrl-epochs", "2"], {"mrl_unsup_8"}), (["--amp", "False"], set())]  # AMP is CUDA-only: no change on CPU
+    for change, expected in cases:
+        argv = data + base + change
+        table = sweep.main(argv)
+        out = capsys.readouterr().out
+        assert recomputed(out) == expected, (change, out)
+        if change[0] in ("--epochs", "--lr"):  # the message names what changed
+            assert f"changed: code" not in out and f"train_config.{change[0][2:]}" in out, out
+        assert sweep.main(argv) == table and recomputed(capsys.readouterr().out) == set()
+    # the data: other embeddings in the same --out (same shape) recompute everything
+    other = tmp_path / "other"
+    other.mkdir()
+    x, y = pixels["train"]
+    np.save(other / "train_emb.npy", x[::-1].copy())
+    np.save(other / "train_labels.npy", y[::-1].copy())
+    argv = ["--train-emb", str(other / "train_emb.npy"), "--eval-emb", str(d / "val_emb.npy"), "--out", str(tmp_path)]
+    sweep.main(argv + base)
+    assert recomputed(capsys.readouterr().out) == {"csr_k8", "pca_8", "trunc_8", "mrl_unsup_8"}
+    # going back to the first flags reuses their parts (each configuration's version is kept)
+    assert sweep.main(data + base) == first and recomputed(capsys.readouterr().out) == set()

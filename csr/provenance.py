@@ -1,0 +1,52 @@
+"""Identity of inputs and code: what a cached result depends on, as a short digest.
+
+A cached part (sweep) or a resumed run is valid only for the same data files, the same configuration and the
+same library code. Files are identified by resolved path, size, mtime and (for .npy) shape and dtype, which is
+cheap for ImageNet-sized files; the code by a hash of the library's sources, so a commit that only touches
+the README does not invalidate results, but any edit of `csr/` does.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def file_identity(path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """Resolved path, size, mtime (ns) and, for .npy files, shape and dtype. None for a missing file."""
+    if path is None:
+        return None
+    p = Path(path).resolve()
+    if not p.exists():
+        return None
+    st = p.stat()
+    ident: dict[str, Any] = {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if p.suffix == ".npy" and p.is_file():
+        try:
+            arr = np.load(p, mmap_mode="r", allow_pickle=False)
+            ident.update(shape=list(arr.shape), dtype=str(arr.dtype))
+        except (ValueError, OSError):
+            pass
+    return ident
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """SHA-256 (first 16 hex) of the `csr/` library's Python sources, in path order."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def digest(obj: Any) -> str:
+    """Stable short hash of a JSON-able object (dict keys sorted)."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
