@@ -342,7 +342,7 @@ def _load_shard(path: Path) -> np.ndarray:
         raise CSRError(f"{path}: not a readable .npy embedding file ({e})") from None
     if arr.ndim == 2 and arr.shape[0] == 0 and arr.shape[1] > 0:
         return arr
-    return load_embeddings(path, mmap=True, finite=False)
+    return load_embeddings(path, mmap=True)
 
 
 def stack_shards(shard_dir: str | Path, out_path: str | Path, overwrite: bool = False, chunk: int = 65536

@@ -107,7 +107,7 @@ def test_bad_inputs_give_one_line_errors(fmnist, trained, tmp_path):
     np.save(nan, x)
     np.save(tmp_path / "short_labels.npy", np.zeros(3, dtype=np.int64))
     np.save(tmp_path / "empty_emb.npy", np.zeros((0, 784), np.float32))
-    np.save(tmp_path / "narrow_emb.npy", np.zeros((5, 16), np.float32))
+    np.save(tmp_path / "narrow_emb.npy", np.ones((5, 16), np.float32))
     trunc = tmp_path / "trunc.pt"
     trunc.write_bytes((trained / "csr.pt").read_bytes()[:5000])
     torch.save({"hello": 1}, tmp_path / "foreign.pt")
