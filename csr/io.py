@@ -215,7 +215,7 @@ def labels_path_for(emb_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + "_labels.npy")
 
 
-def _check_file(path: Path, what: str) -> None:
+def check_file(path: Path, what: str) -> None:
     """A missing path, a directory or a 0-byte file, each named as such."""
     if not path.exists():
         raise CSRError(f"{path}: {what} file not found")
@@ -226,7 +226,7 @@ def _check_file(path: Path, what: str) -> None:
 
 
 def _open_npy(path: Path, what: str, mmap: bool) -> np.ndarray:
-    _check_file(path, what)
+    check_file(path, what)
     try:
         arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
@@ -427,7 +427,7 @@ def load_codes(path: str | os.PathLike) -> SparseCodes:
     """Read codes written by `save_codes`; all-zero codes are an error, signed values and repeated units in a
     row (legal for the kNN engines, never produced by CSR) a warning."""
     path = Path(path)
-    _check_file(path, "sparse code")
+    check_file(path, "sparse code")
     try:
         with np.load(path, allow_pickle=False) as z:
             if not hasattr(z, "files"):

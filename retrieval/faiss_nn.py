@@ -9,8 +9,9 @@ Dense embeddings with FAISS (optionally truncated to the first D dims, as an MRL
 
 Both sides are L2-normalised; ties are broken by the lowest database index in every backend, so results are
 reproducible and backends agree exactly: the same scores to float rounding and the same neighbours wherever
-a score is not tied (tests/test_pipeline.py and tests/test_sparse_knn.py check this against FAISS). Writes OUT (indices [Nq, K] int64), OUT with `_scores` (float32)
-and a JSON sidecar naming the inputs and their labels (read by compute_metrics.py).
+a score is not tied (tests/test_pipeline.py and tests/test_sparse_knn.py check this against FAISS).
+Writes OUT (indices [Nq, K] int64), OUT with `_scores` (float32) and a JSON sidecar naming the inputs and
+their labels (read by compute_metrics.py). K above the database size is clipped with a warning.
 """
 from __future__ import annotations
 
