@@ -7,6 +7,7 @@ import torch
 
 from csr.baselines import PCA, MRLAdaptor, MRLConfig, matryoshka_dims, mrl_transform, train_mrl, truncate
 from csr.fashion_mnist import DEFAULT_SOURCE, load_split
+from csr.io import CSRError
 from csr.knn import search
 from csr.metrics import retrieval_metrics
 from retrieval import sweep
@@ -81,11 +82,22 @@ def test_sweep_writes_consistent_table_json_png_and_reuses_parts(pixels, tmp_pat
     assert set(parts) == {"full", "trunc_8", "trunc_16", "pca_8", "pca_16", "csr_k8", "csr_k16"}
     for key, p in parts.items():  # the table shows exactly the numbers in the JSON
         assert f"{p['top1']:.2f}" in table, key
-    assert 0 <= parts["csr_k8"]["dead_fraction"] <= 1 and parts["csr_k8"]["steps"] == 24
+    # dead fraction = units that never appear (with a non-zero value) in any train code of the trained model
+    from csr.checkpoint import load_model
+    from csr.encode import encode_array
+    model, _ = load_model(tmp_path / "models" / "csr_k8" / "csr.pt")
+    codes = encode_array(model, pixels["train"][0], 8, progress=False)
+    fired = np.zeros(512, bool)
+    fired[codes.indices[codes.values != 0].astype(np.int64)] = True
+    assert parts["csr_k8"]["dead_fraction"] == pytest.approx(1 - fired.mean(), abs=1e-12)
+    assert parts["csr_k8"]["steps"] == 24
     assert {a["variant"] for a in res["ablation"]} == set(sweep.ABLATIONS)
     assert parts["csr_k16"]["top1"] > parts["trunc_16"]["top1"]
     mtime = (tmp_path / "parts" / "csr_k8.json").stat().st_mtime_ns
     capsys.readouterr()
-    again = sweep.main(argv)
+    with pytest.raises(CSRError, match="table.md exists; pass --overwrite"):  # a finished report is not replaced
+        sweep.main(argv)
+    assert (tmp_path / "table.md").read_text() == table
+    again = sweep.main(argv + ["--overwrite"])
     assert again == table and (tmp_path / "parts" / "csr_k8.json").stat().st_mtime_ns == mtime
     assert "csr_k8: top1" not in capsys.readouterr().out  # nothing recomputed
