@@ -41,7 +41,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                unfinished: str = "error") -> tuple[CSR, dict[str, Any]]:
     """Rebuild the model from a checkpoint's own config (shapes are never repeated on the command line).
 
-    A checkpoint of an unfinished run (`last.pt`, an epoch checkpoint: no `complete` flag) is an error, or a
+    A checkpoint of an unfinished run (`last.pt`, an epoch checkpoint: training progress but no `complete` flag;
+    a model saved outside a training loop has neither) is an error, or a
     warning with `unfinished="warn"`; weights with NaN/Inf are always an error naming the checkpoint."""
     ckpt = read_checkpoint(path)
     try:
@@ -50,9 +51,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     except (RuntimeError, ValueError, TypeError, KeyError) as e:
         raise CSRError(f"{path}: checkpoint weights do not match its config ({str(e).splitlines()[0]})") from None
     check_finite_weights(model, path)
-    if not ckpt.get("complete"):
-        what = (f"{path}: checkpoint of an unfinished run (epoch {ckpt.get('epoch', '?')}, step "
-                f"{ckpt.get('step', '?')}), not a finished model")
+    if "epoch" in ckpt and not ckpt.get("complete"):  # written by a training loop that did not finish
+        what = (f"{path}: checkpoint of an unfinished run (epoch {ckpt['epoch']}, step {ckpt.get('step')}), "
+                f"not a finished model")
         if unfinished == "error":
             raise CSRError(f"{what}; finish the run with --resume or pass its csr.pt")
         warn(what)
