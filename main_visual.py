@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from csr.cli import add_train_args, run, train_from_args
+from csr.cli import ArgumentParser, add_train_args, run, train_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--pretrained_emb", "--pretrained-emb", required=True, help="train split embeddings [N, d] .npy")
     d.add_argument("--labels", default=None, help="labels .npy (default: {split}_labels.npy beside the embeddings)")

@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from csr.cli import bool_flag, run
+from csr.cli import ArgumentParser, bool_flag, run
 from csr.extract import stack_shards
 from csr.io import CSRError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("input/output")
     io.add_argument("--shard_dir", "--shard-dir", type=Path, required=True,

@@ -14,7 +14,6 @@ sparse-dot-topn, e.g. `speedup 7.4x`.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import multiprocessing
 import resource
@@ -26,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from csr.cli import positive_int, run  # noqa: E402
-from csr.io import atomic_write_json, write_sidecar  # noqa: E402
+from csr.cli import ArgumentParser, bool_flag, positive_int, run  # noqa: E402
+from csr.io import atomic_write_json, check_output, write_sidecar  # noqa: E402
 
 # the issue's targets on the 2-core machine (seconds, 50k queries x 1.28M items); printed, not asserted
 TARGETS = {("mild", 8): 2.0, ("mild", 32): 20.0, ("authors", 8): 8.0, ("authors", 32): 25.0}
@@ -120,7 +119,7 @@ def compare(ours_i: np.ndarray, ours_s: np.ndarray, base_i: np.ndarray, base_s: 
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("data (random skewed codes, csr/synthetic.py)")
     g.add_argument("--n-database", type=positive_int, default=1281167, help="database codes (ImageNet-1k train)")
     g.add_argument("--n-queries", type=positive_int, default=50000, help="query codes (ImageNet-1k val)")
@@ -139,7 +138,9 @@ def main(argv=None) -> dict:
     g = p.add_argument_group("output")
     g.add_argument("--out", default="results/knn_eval.json", help="JSON results file")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bool_flag(g, "--overwrite", default=False, help="replace an existing --out")
     args = p.parse_args(argv)
+    check_output(args.out, args.overwrite)
 
     a = dict(vars(args), progress=not args.no_progress)
     a["baseline_queries"] = min(args.baseline_queries or args.n_queries, args.n_queries)

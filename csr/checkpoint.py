@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from csr.io import CSRError, atomic_path, code_version
+from csr.io import CSRError, atomic_path, check_writable, code_version, warn
 from csr.model import CSR, CSRConfig
 
 FORMAT = "csr-checkpoint-v1"
@@ -37,15 +37,75 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CSR, dict[str, Any]]:
-    """Rebuild the model from a checkpoint's own config (shapes are never repeated on the command line)."""
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               unfinished: str = "error") -> tuple[CSR, dict[str, Any]]:
+    """Rebuild the model from a checkpoint's own config (shapes are never repeated on the command line).
+
+    A checkpoint of an unfinished run (`last.pt`, an epoch checkpoint: training progress but no `complete` flag;
+    a model saved outside a training loop has neither) is an error, or a
+    warning with `unfinished="warn"`; weights with NaN/Inf are always an error naming the checkpoint."""
     ckpt = read_checkpoint(path)
     try:
         model = CSR(CSRConfig.from_dict(ckpt["config"]))
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, ValueError, TypeError, KeyError) as e:
         raise CSRError(f"{path}: checkpoint weights do not match its config ({str(e).splitlines()[0]})") from None
+    check_finite_weights(model, path)
+    if "epoch" in ckpt and not ckpt.get("complete"):  # written by a training loop that did not finish
+        what = (f"{path}: checkpoint of an unfinished run (epoch {ckpt['epoch']}, step {ckpt.get('step')}), "
+                f"not a finished model")
+        if unfinished == "error":
+            raise CSRError(f"{what}; finish the run with --resume or pass its csr.pt")
+        warn(what)
     return model.to(device).eval(), ckpt
+
+
+def check_finite_weights(model: torch.nn.Module, path: Any) -> None:
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise CSRError(f"{path}: NaN or Inf in the weights ({name}); the run that wrote it diverged")
+
+
+RUN_FILES = ("csr.pt", "csr.json", "last.pt", "log.jsonl")
+
+
+def prepare_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool | str | None) -> Path:
+    """Check a training run's folder before any work: writable; an existing run (finished, or killed: its
+    last.pt / log.jsonl) is continued only with --resume and replaced only with --overwrite. Never deletes."""
+    out = Path(out)
+    check_writable(out, out / "csr.pt")
+    found = [n for n in RUN_FILES if (out / n).exists()]
+    if found and not (overwrite or resume):
+        what = "a finished run" if "csr.pt" in found else "a killed or unfinished run"
+        raise CSRError(f"{out / found[0]} exists ({what}); pass --resume to continue it or --overwrite to "
+                       f"start over")
+    return out
+
+
+def clear_run_dir(out: str | os.PathLike, extra: tuple[str, ...] = ("epoch*.pt", "epoch_*.pt")) -> None:
+    """--overwrite, once the inputs are validated: remove the old run's outputs so a new run killed midway
+    never leaves the old csr.pt beside its own last.pt."""
+    out = Path(out)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for pattern in extra:
+        for p in out.glob(pattern):
+            p.unlink(missing_ok=True)
+
+
+def check_resume(ckpt: dict[str, Any], path: Any, config: dict[str, Any], data: dict[str, Any] | None) -> None:
+    """--resume continues only the same model on the same data: a different config (input width, hidden
+    size, k, ...) or training file is an error naming what differs."""
+    diff = {k: (ckpt["config"].get(k), v) for k, v in config.items() if ckpt["config"].get(k) != v}
+    if diff:
+        raise CSRError(f"--resume {path}: the run was trained with a different model ("
+                       + ", ".join(f"{k} {a} there, {b} now" for k, (a, b) in diff.items()) + ")")
+    was = ckpt.get("data")
+    if was and data:
+        ddiff = [k for k in ("path", "shape", "dtype", "size", "mtime_ns") if was.get(k) != data.get(k)]
+        if ddiff:
+            raise CSRError(f"--resume {path}: the run was trained on {was.get('path')} {was.get('shape')}, not on "
+                           f"{data.get('path')} {data.get('shape')} (differs in {', '.join(ddiff)})")
 
 
 def check_input_dim(model: CSR, dim: int, what: str) -> None:

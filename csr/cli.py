@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from csr.io import CSRError
 
@@ -26,11 +27,50 @@ def bool_flag(parser: argparse._ActionsContainer, *names: str, default: bool, he
                         metavar="BOOL", help=f"{help} (default {default})")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the stages' error contract: a bad flag is ONE line `error: ...` and exit code 2
+    (argparse's default prints the whole usage first)."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def _number(s: str, cast: Callable[[str], Any]) -> Any:
+    try:
+        return cast(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+
+
 def positive_int(s: str) -> int:
-    v = int(s)
+    v = _number(s, int)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
+
+
+def nonneg_int(s: str) -> int:
+    v = _number(s, int)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _float_above(s: str, strict: bool) -> float:
+    v = fraction(s)
+    if not math.isfinite(v) or v < 0 or (strict and v == 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} 0, got {s}")
+    return v
+
+
+def positive_float(s: str) -> float:
+    """A finite float > 0 (learning rates, temperatures: 0, negative, NaN or Inf can only give NaN)."""
+    return _float_above(s, strict=True)
+
+
+def nonneg_float(s: str) -> float:
+    """A finite float >= 0 (loss weights, weight decay, clipping norms)."""
+    return _float_above(s, strict=False)
 
 
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
@@ -47,10 +87,13 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
 
 def fraction(s: str) -> float:
     """A float that may be written as a fraction, e.g. `1/32`."""
-    if "/" in s:
-        num, den = s.split("/", 1)
-        return float(num) / float(den)
-    return float(s)
+    try:
+        if "/" in s:
+            num, den = s.split("/", 1)
+            return float(num) / float(den)
+        return float(s)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 1/32, got {s!r}") from None
 
 
 def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "self") -> None:
@@ -60,55 +103,55 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
     """
     m = p.add_argument_group("model")
     m.add_argument("--topk", type=positive_int, default=8, help="active units k per code (paper: 8..256)")
-    m.add_argument("--auxk", type=int, default=512, help="dead units used by the AuxK loss (paper: 512)")
+    m.add_argument("--auxk", type=nonneg_int, default=512, help="dead units used by the AuxK loss (paper: 512)")
     m.add_argument("--hidden-size", "--hidden_size", dest="hidden_size", type=positive_int, default=None,
                    help="number of latent units (default 4·d, d read from the embeddings)")
-    m.add_argument("--dead_threshold", "--dead-threshold", dest="dead_threshold", type=int, default=30,
+    m.add_argument("--dead_threshold", "--dead-threshold", dest="dead_threshold", type=positive_int, default=30,
                    help="a unit is dead after this many training STEPS without firing (reference counted "
                         "forward calls, 3 per step)")
     bool_flag(m, "--tied", default=True, help="decoder = encoder^T (reference); False: untied unit-norm decoder")
     bool_flag(m, "--normalize", default=False, help="standardise each input (sentence-transformers' option)")
     m.add_argument("--bpre-init", "--bpre_init", dest="bpre_init", default="zeros",
                    choices=["zeros", "mean", "geometric_median"], help="initial pre-encoder bias b_pre")
-    m.add_argument("--k-start", "--k_start", dest="k_start", type=int, default=0,
+    m.add_argument("--k-start", "--k_start", dest="k_start", type=nonneg_int, default=0,
                    help="k annealing (off by default): start training with this many active units, decreasing "
                         "linearly to --topk over --k-anneal-steps (against dead latents; CSRv2)")
-    m.add_argument("--k-anneal-steps", "--k_anneal_steps", dest="k_anneal_steps", type=int, default=0,
+    m.add_argument("--k-anneal-steps", "--k_anneal_steps", dest="k_anneal_steps", type=nonneg_int, default=0,
                    help="steps of the k annealing (0 = half of all training steps)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate (paper: 4e-4)")
+    o.add_argument("--lr", type=positive_float, default=4e-4, help="Adam learning rate (paper: 4e-4)")
     o.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=4096,
                    help="global batch size (paper: 4096)")
     o.add_argument("--epochs", type=positive_int, default=10, help="epochs (paper: 10)")
-    o.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=0,
+    o.add_argument("--max-steps", "--max_steps", dest="max_steps", type=nonneg_int, default=0,
                    help="stop after this many optimiser steps (0 = all epochs)")
-    o.add_argument("--wd", type=float, default=0.0, help="Adam weight decay")
-    o.add_argument("--adam-eps", type=float, default=6.25e-10, help="Adam epsilon (reference: 6.25e-10)")
+    o.add_argument("--wd", type=nonneg_float, default=0.0, help="Adam weight decay")
+    o.add_argument("--adam-eps", type=positive_float, default=6.25e-10, help="Adam epsilon (reference: 6.25e-10)")
     o.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
                    help="LR schedule (reference: constant, a StepLR with gamma 1)")
-    o.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps")
-    o.add_argument("--grad-clip", "--grad-clip-norm", dest="grad_clip", type=float, default=0.0,
+    o.add_argument("--warmup-steps", type=nonneg_int, default=0, help="linear LR warm-up steps")
+    o.add_argument("--grad-clip", "--grad-clip-norm", dest="grad_clip", type=nonneg_float, default=0.0,
                    help="clip the gradient norm (0 = off)")
     o.add_argument("--recon-loss", "--recon_loss", dest="recon_loss", default="mse", choices=["mse", "nmse"],
                    help="reconstruction loss: mse (reference) or nmse = MSE / Var(x)")
-    o.add_argument("--auxk_coef", "--auxk-coef", dest="auxk_coef", type=fraction, default=1 / 32,
+    o.add_argument("--auxk_coef", "--auxk-coef", dest="auxk_coef", type=nonneg_float, default=1 / 32,
                    help="AuxK loss weight beta (paper: 1/32)")
-    o.add_argument("--multi-k-coef", type=fraction, default=1 / 8, help="weight of the 4k reconstruction (1/8)")
+    o.add_argument("--multi-k-coef", type=nonneg_float, default=1 / 8, help="weight of the 4k reconstruction (1/8)")
     c = p.add_argument_group("contrastive")
     bool_flag(c, "--use_CL", "--use-cl", default=True, help="add the contrastive term (paper: True)")
     c.add_argument("--cl", default=cl, choices=["self", "label", "pair", "none"],
                    help="contrastive positives: self (reference), label (same class), pair, none")
-    c.add_argument("--cl_coef", "--cl-coef", dest="cl_coef", type=float, default=cl_coef,
+    c.add_argument("--cl_coef", "--cl-coef", dest="cl_coef", type=nonneg_float, default=cl_coef,
                    help=f"contrastive weight gamma (default {cl_coef})")
-    c.add_argument("--temperature", type=float, default=0.2, help="contrastive temperature (reference: 0.2)")
+    c.add_argument("--temperature", type=positive_float, default=0.2, help="contrastive temperature (reference: 0.2)")
     r = p.add_argument_group("runtime")
     r.add_argument("--seed", type=int, default=1227, help="random seed")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    r.add_argument("--gpu", type=int, default=None, help="CUDA device index for a single-process run")
+    r.add_argument("--gpu", type=nonneg_int, default=None, help="CUDA device index for a single-process run")
     bool_flag(r, "--use_ddp", "--use-ddp", default=False, help="DistributedDataParallel under torchrun")
     bool_flag(r, "--amp", default=True, help="bfloat16 autocast on CUDA")
-    bool_flag(r, "--resume", default=False, help="resume from OUT/last.pt")
-    bool_flag(r, "--overwrite", default=False, help="replace an existing OUT/csr.pt")
+    bool_flag(r, "--resume", default=False, help="continue a killed run from OUT/last.pt")
+    bool_flag(r, "--overwrite", default=False, help="start over in an existing OUT (its csr.pt, last.pt, log.jsonl are replaced)")
     bool_flag(r, "--keep-epochs", default=False, help="keep a checkpoint of every epoch (OUT/epochNNN.pt)")
 
 
@@ -144,13 +187,13 @@ def train_from_args(args: argparse.Namespace, emb_path: str, out_dir: str, pair_
     import torch
 
     from csr import distributed
+    from csr.checkpoint import clear_run_dir, prepare_run_dir
     from csr.io import labels_path_for, load_embeddings, load_labels
+    from csr.provenance import file_identity
     from csr.model import CSR
     from csr.train import TrainData, train
 
-    out = Path(out_dir)
-    if (out / "csr.pt").exists() and not (args.overwrite or args.resume):
-        raise CSRError(f"{out / 'csr.pt'} exists; pass --overwrite to replace it or --resume to continue")
+    out = prepare_run_dir(out_dir, args.overwrite, args.resume)
     x = load_embeddings(emb_path)
     lab_path = Path(labels_path) if labels_path else labels_path_for(emb_path)
     need_labels = args.use_CL and args.cl == "label"
@@ -162,6 +205,8 @@ def train_from_args(args: argparse.Namespace, emb_path: str, out_dir: str, pair_
             raise CSRError(f"{pair_path}: paired embeddings have shape {x_pair.shape}, expected {x.shape}")
     model_cfg, train_cfg = configs_from_args(args, x.shape[1])
     rt = distributed.setup(args.use_ddp, args.device, args.gpu)
+    if args.overwrite and not args.resume and rt.is_main:
+        clear_run_dir(out)
     try:
         torch.manual_seed(train_cfg.seed)
         model = CSR(model_cfg)
@@ -171,7 +216,8 @@ def train_from_args(args: argparse.Namespace, emb_path: str, out_dir: str, pair_
             print(f"train: {train_cfg}")
             print(f"runtime: device {rt.device}, world size {rt.world_size}")
         t0 = time.time()
-        summary = train(model, TrainData(x, labels, x_pair), train_cfg, out, rt, args=vars(args), resume=args.resume)
+        data = TrainData(x, labels, x_pair, identity=file_identity(emb_path))
+        summary = train(model, data, train_cfg, out, rt, args=vars(args), resume=args.resume)
         if rt.is_main:
             print(f"done in {time.time() - t0:.1f}s: {summary['steps']} steps, final loss "
                   f"{summary.get('loss_total', float('nan')):.5g}, dead latents {summary.get('dead_fraction', 0):.1%} "

@@ -36,7 +36,16 @@ def pick_device(device: str = "auto", gpu: int | None = None, local_rank: int = 
         index = min(index, torch.cuda.device_count() - 1)
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
-    return torch.device(device)
+    from csr.io import CSRError
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CSRError(f"--device {device}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CSRError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CSRError(f"--device {device} requested but CUDA is not available")
+    return dev
 
 
 def setup(use_ddp: bool, device: str = "auto", gpu: int | None = None) -> Runtime:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from csr.backbones import Backbone
-from csr.io import (CSRError, NpyWriter, atomic_path, atomic_save_npy, atomic_write_json, check_output,
+from csr.io import (CSRError, NpyWriter, atomic_path, atomic_save_npy, atomic_write_json, check_file, check_output,
                     labels_path_for, load_embeddings, load_labels, write_sidecar)
 
 SHARD_RE = re.compile(r"^emb_(\d{5,})\.npy$")
@@ -336,13 +336,14 @@ def list_shards(shard_dir: str | Path) -> list[tuple[int, Path, Path]]:
 
 def _load_shard(path: Path) -> np.ndarray:
     """A shard's embeddings, memory-mapped; zero rows are allowed (all of its images were unreadable)."""
+    check_file(path, "embedding")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise CSRError(f"{path}: not a readable .npy embedding file ({e})") from None
     if arr.ndim == 2 and arr.shape[0] == 0 and arr.shape[1] > 0:
         return arr
-    return load_embeddings(path, mmap=True, finite=False)
+    return load_embeddings(path, mmap=True)
 
 
 def stack_shards(shard_dir: str | Path, out_path: str | Path, overwrite: bool = False, chunk: int = 65536

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,6 +22,12 @@ import numpy as np
 
 class CSRError(Exception):
     """A user-facing error: printed as one line naming the file, flag or shape at fault."""
+
+
+def warn(message: str) -> None:
+    """The one way the library reports a legal but suspicious input or a silent change of behaviour:
+    one line `warning: ...` on stderr (stdout stays for results)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -109,11 +116,35 @@ def _json_default(o: Any) -> Any:
 
 
 def check_output(path: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> Path:
-    """Refuse to clobber an existing output unless `overwrite`."""
+    """Refuse to clobber an existing output unless `overwrite`; check that `path` can be written at all."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise CSRError(f"{path} exists; pass {flag} to replace it")
+    check_writable(path.parent, path)
     return path
+
+
+def check_writable(folder: str | os.PathLike, target: str | os.PathLike | None = None) -> Path:
+    """Fail before any work when `folder` (to be created if missing) cannot hold files: a regular file on the
+    way, a read-only or virtual file system. Probes with a temp file in the nearest existing ancestor, which
+    it removes: nothing is left on disk."""
+    folder = Path(folder)
+    target = Path(target) if target is not None else folder
+    anc = folder
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise CSRError(f"{target}: cannot write here, {anc} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".csr-write-probe.", dir=anc)
+        os.close(fd)
+        os.unlink(probe)
+        if anc != folder:  # the folders still to create must be creatable too
+            probe_dir = tempfile.mkdtemp(prefix=".csr-write-probe.", dir=anc)
+            os.rmdir(probe_dir)
+    except OSError as e:
+        raise CSRError(f"{target}: cannot write under {anc} ({e.strerror or e})") from None
+    return folder
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -174,23 +205,49 @@ def labels_path_for(emb_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + "_labels.npy")
 
 
-def _open_npy(path: Path, what: str, mmap: bool) -> np.ndarray:
+def check_file(path: Path, what: str) -> None:
+    """A missing path, a directory or a 0-byte file, each named as such."""
     if not path.exists():
         raise CSRError(f"{path}: {what} file not found")
+    if path.is_dir():
+        raise CSRError(f"{path}: is a directory, expected a {what} file")
+    if path.stat().st_size == 0:
+        raise CSRError(f"{path}: empty {what} file (0 bytes)")
+
+
+def _open_npy(path: Path, what: str, mmap: bool) -> np.ndarray:
+    check_file(path, what)
     try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise CSRError(f"{path}: not a readable .npy {what} file ({e})") from None
+        raise CSRError(f"{path}: not a readable .npy {what} file ({str(e).splitlines()[0]})") from None
+    if not isinstance(arr, np.ndarray):
+        raise CSRError(f"{path}: not a .npy {what} file (an .npz archive?)")
+    return arr
 
 
-def check_finite(arr: np.ndarray, path: str | os.PathLike, chunk: int = 65536) -> None:
-    """Raise naming the first row with NaN/Inf; reads memory-mapped arrays chunk by chunk."""
+def check_finite(arr: np.ndarray, path: str | os.PathLike, chunk: int = 65536, what: str = "embeddings",
+                 nonzero: bool = False) -> None:
+    """Raise naming the first row with NaN/Inf; reads memory-mapped arrays chunk by chunk. With `nonzero`,
+    an array that is zero everywhere is an error and some all-zero rows are a warning (cosine is undefined)."""
+    zero_rows, first_zero = 0, -1
     for start in range(0, arr.shape[0], chunk):
         block = np.asarray(arr[start:start + chunk])
-        bad = ~np.isfinite(block).all(axis=tuple(range(1, block.ndim)))
+        axes = tuple(range(1, block.ndim))
+        bad = ~np.isfinite(block).all(axis=axes)
         if bad.any():
             row = start + int(np.flatnonzero(bad)[0])
-            raise CSRError(f"{path}: NaN or Inf in embeddings (first at row {row})")
+            raise CSRError(f"{path}: NaN or Inf in {what} (first at row {row})")
+        if nonzero:
+            zero = ~block.any(axis=axes)
+            if zero.any() and first_zero < 0:
+                first_zero = start + int(np.flatnonzero(zero)[0])
+            zero_rows += int(zero.sum())
+    if nonzero and zero_rows == arr.shape[0]:
+        raise CSRError(f"{path}: all {what} are zero (every cosine similarity would be 0)")
+    if zero_rows:
+        warn(f"{path}: {zero_rows} of {arr.shape[0]} rows of {what} are all zero (first at row {first_zero}); "
+             f"they have cosine 0 to everything")
 
 
 def load_embeddings(path: str | os.PathLike, mmap: bool = True, finite: bool = True) -> np.ndarray:
@@ -204,8 +261,34 @@ def load_embeddings(path: str | os.PathLike, mmap: bool = True, finite: bool = T
     if not np.issubdtype(arr.dtype, np.floating):
         raise CSRError(f"{path}: embeddings must be float16/float32, got {arr.dtype}")
     if finite:
-        check_finite(arr, path)
+        check_finite(arr, path, nonzero=True)
     return arr
+
+
+def check_same_width(a: np.ndarray, b: np.ndarray, path_a: Any, path_b: Any) -> None:
+    """Two embedding files that are compared with each other must have the same width d."""
+    if a.shape[1] != b.shape[1]:
+        raise CSRError(f"{path_b}: embeddings have d={b.shape[1]} but {path_a} has d={a.shape[1]}")
+
+
+def check_dims(dims: Any, d: int, flag: str, path: Any) -> None:
+    """Every requested size must fit the embedding width (never dropped silently)."""
+    bad = [m for m in dims if m > d]
+    if bad:
+        raise CSRError(f"{flag} {' '.join(map(str, bad))}: larger than the width d={d} of {path}")
+
+
+def load_neighbors(path: str | os.PathLike) -> np.ndarray:
+    """Neighbour lists `[Nq, K]` of integer database indices (faiss_nn.py's output), validated."""
+    path = Path(path)
+    nn = _open_npy(path, "neighbours", mmap=False)
+    if nn.ndim != 2:
+        raise CSRError(f"{path}: neighbours must be 2-D [queries, K], got shape {nn.shape}")
+    if not np.issubdtype(nn.dtype, np.integer):
+        raise CSRError(f"{path}: neighbours must be integer database indices, got {nn.dtype}")
+    if nn.shape[0] == 0 or nn.shape[1] == 0:
+        raise CSRError(f"{path}: empty neighbour lists, shape {nn.shape}")
+    return nn
 
 
 def load_labels(path: str | os.PathLike, n: int | None = None, required: bool = True) -> np.ndarray | None:
@@ -222,6 +305,8 @@ def load_labels(path: str | os.PathLike, n: int | None = None, required: bool = 
         raise CSRError(f"{path}: labels must be integers, got {lab.dtype}")
     if n is not None and lab.shape[0] != n:
         raise CSRError(f"{path}: {lab.shape[0]} labels but the embeddings have {n} rows")
+    if lab.size and lab.min() < 0:
+        raise CSRError(f"{path}: labels must be >= 0, found {int(lab.min())} at row {int(np.argmin(lab))}")
     return lab.astype(np.int64, copy=False)
 
 
@@ -329,17 +414,35 @@ def save_codes(path: str | os.PathLike, codes: SparseCodes, **meta: Any) -> None
 
 
 def load_codes(path: str | os.PathLike) -> SparseCodes:
+    """Read codes written by `save_codes`; all-zero codes are an error, signed values and repeated units in a
+    row (legal for the kNN engines, never produced by CSR) a warning."""
     path = Path(path)
-    if not path.exists():
-        raise CSRError(f"{path}: sparse code file not found")
+    check_file(path, "sparse code")
     try:
         with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise CSRError("not an .npz archive")
             missing = {"indices", "values", "hidden_size"} - set(z.files)
             if missing:
                 raise CSRError(f"{path}: not a sparse code file (missing {sorted(missing)})")
             labels = z["labels"] if "labels" in z.files else None
-            return SparseCodes(z["indices"], z["values"], int(z["hidden_size"]), labels)
+            codes = SparseCodes(z["indices"], z["values"], int(z["hidden_size"]), labels)
     except CSRError as e:
         raise CSRError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
-    except (ValueError, OSError, EOFError, KeyError) as e:
-        raise CSRError(f"{path}: not a readable .npz code file ({e})") from None
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise CSRError(f"{path}: not a readable .npz code file (truncated or corrupt: {e})") from None
+    check_code_values(codes, path)
+    return codes
+
+
+def check_code_values(codes: SparseCodes, path: Any) -> None:
+    nonzero = codes.values != 0
+    if codes.n and not nonzero.any():
+        raise CSRError(f"{path}: all code values are zero (every cosine similarity would be 0)")
+    if (codes.values < 0).any():
+        warn(f"{path}: {int((codes.values < 0).sum())} negative code values (CSR codes are >= 0)")
+    srt = np.sort(np.where(nonzero, codes.indices.astype(np.int64), -1 - np.arange(codes.k)), axis=1)
+    dup = (np.diff(srt, axis=1) == 0).any(axis=1)
+    if dup.any():
+        warn(f"{path}: {int(dup.sum())} codes repeat a unit (first at row {int(np.flatnonzero(dup)[0])}); "
+             f"repeated units are summed")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from csr.io import CSRError, SparseCodes
+from csr.io import CSRError, SparseCodes, warn
 
 BACKENDS = ("faiss", "sparse", "scipy")
 
@@ -42,6 +42,13 @@ def select_topk(scores: np.ndarray, K: int, offset: int = 0) -> tuple[np.ndarray
     order = np.argsort(-vals, axis=1, kind="stable")[:, :K]
     idx = np.take_along_axis(cand, order, 1)
     return idx.astype(np.int64) + offset, np.take_along_axis(vals, order, 1).astype(np.float32)
+
+
+def clip_k(K: int, n_db: int, flag: str = "-K") -> int:
+    """K neighbours from a database of `n_db` items: more than it holds is clipped, with a warning."""
+    if K > n_db:
+        warn(f"{flag} {K} clipped to the database size {n_db}")
+    return min(K, n_db)
 
 
 def _check_k(K: int, n_db: int) -> None:
@@ -126,6 +133,7 @@ def search(queries, database, K: int, backend: str = "sparse", progress: bool = 
         return scipy_sparse_search(queries, database, K, progress=progress, **kw)
     try:
         from csr.sparse_knn import sparse_topk
-    except ImportError:  # the fast engine is optional at import time; the reference is always exact
+    except ImportError as e:  # the fast engine is optional at import time; the reference is always exact
+        warn(f"the compiled sparse engine cannot load ({e}); using the slower scipy reference (same results)")
         return scipy_sparse_search(queries, database, K, progress=progress, **kw)
     return sparse_topk(queries, database, K, progress=progress, threads=threads, **kw)

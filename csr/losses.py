@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from csr.io import CSRError
+
 CL_MODES = ("self", "label", "pair", "none")
 
 
@@ -129,3 +131,14 @@ def pair_contrastive(idx_a: torch.Tensor, vals_a: torch.Tensor, idx_b: torch.Ten
     s_ab = sparse_similarity(idx_a, ua, all_idx_b, all_ub, hidden) / temperature
     s_ba = sparse_similarity(idx_b, ub, all_idx_a, all_ua, hidden) / temperature
     return 0.5 * (F.cross_entropy(s_ab, target) + F.cross_entropy(s_ba, target))
+
+
+def check_finite_loss(terms: dict[str, torch.Tensor], step: int) -> None:
+    """Stop training at the first non-finite loss term, naming the step and the term (a NaN loss would
+    otherwise turn every weight into NaN and be saved as a finished model)."""
+    total = float(terms["total"].detach())
+    if math.isfinite(total):
+        return
+    bad = [n for n, v in terms.items() if n != "total" and not math.isfinite(float(v.detach()))]
+    raise CSRError(f"non-finite training loss at step {step} ({', '.join(bad) or 'total'} = {total}); nothing "
+                   f"written for this run's final model: lower --lr or check the embeddings")

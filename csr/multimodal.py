@@ -529,10 +529,9 @@ def train_multimodal(model: CSR, source, cfg: TrainConfig, out_dir: str | Path, 
     sched = make_scheduler(opt, cfg, total)
     start_epoch, step, log_lines = 0, 0, []
     if resume:
-        from csr.checkpoint import read_checkpoint
+        from csr.checkpoint import check_resume, read_checkpoint
         ckpt = read_checkpoint(resume)
-        if ckpt["config"] != model.cfg.to_dict():
-            raise CSRError(f"--resume {resume}: checkpoint config {ckpt['config']} differs from {model.cfg.to_dict()}")
+        check_resume(ckpt, resume, model.cfg.to_dict(), None)
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -573,6 +572,7 @@ def train_multimodal(model: CSR, source, cfg: TrainConfig, out_dir: str | Path, 
             with autocast(rt.device, cfg.amp):
                 out = net(x, k=k, multi_k=multi_k, dead=dead)
                 terms = multimodal_losses(out, x, cfg, hidden, logit_scale, cl_on, rt.distributed)
+            L.check_finite_loss(terms, step + 1)
             optimizer_step(model, opt, sched, terms["total"], out["idx"][:, :k], cfg.grad_clip)
             step += 1
             n_steps += 1
@@ -752,11 +752,11 @@ def recall_at_k(i2t: np.ndarray, t2i: np.ndarray, text_to_image: np.ndarray, ks:
 
 def retrieval_neighbours(image, text, K: int, backend: str, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-K both ways (dense arrays or SparseCodes): (i2t [n_img, K'], t2i [n_txt, K'])."""
-    from csr.knn import search
+    from csr.knn import clip_k, search
     n_img = image.n if hasattr(image, "n") else len(image)
     n_txt = text.n if hasattr(text, "n") else len(text)
-    i2t, _ = search(image, text, min(K, n_txt), backend=backend, progress=progress)
-    t2i, _ = search(text, image, min(K, n_img), backend=backend, progress=progress)
+    i2t, _ = search(image, text, clip_k(K, n_txt, "--recall_k"), backend=backend, progress=progress)
+    t2i, _ = search(text, image, clip_k(K, n_img, "--recall_k"), backend=backend, progress=progress)
     return i2t, t2i
 
 

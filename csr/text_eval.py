@@ -261,16 +261,19 @@ def evaluate_folder(emb_dir: str, csr_runs: dict[str, dict[int, str]], dims: tup
     from itertools import chain
     from pathlib import Path
 
-    from csr.io import load_embeddings, load_labels
+    from csr.io import check_dims, check_same_width, load_embeddings, load_labels
     from csr.text_data import read_corpus_info
     root = Path(emb_dir)
     info = read_corpus_info(root)
+    sides = ("train", "test") if info["task"] == "labelled" else ("corpus", "queries")
+    a, b = (load_embeddings(root / f"{s}_emb.npy") for s in sides)
+    check_same_width(a, b, root / f"{sides[0]}_emb.npy", root / f"{sides[1]}_emb.npy")
+    if {"truncation", "pca"} & set(methods):
+        check_dims(dims, a.shape[1], "--dims", root / f"{sides[0]}_emb.npy")
     if info["task"] == "labelled":
-        a, b = load_embeddings(root / "train_emb.npy"), load_embeddings(root / "test_emb.npy")
         target = (load_labels(root / "train_labels.npy", a.shape[0]), load_labels(root / "test_labels.npy", b.shape[0]))
         kw = dict(knn_k=knn_k, retrieval_k=retrieval_k, seed=seed)
     else:
-        a, b = load_embeddings(root / "corpus_emb.npy"), load_embeddings(root / "queries_emb.npy")
         target, kw = info["qrels"]["test"], dict(retrieval_k=retrieval_k)
     a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
     views = chain(baseline_views(a, b, dims, methods, seed),

@@ -14,9 +14,9 @@ import torch
 from tqdm import tqdm
 
 from csr import losses as L
-from csr.checkpoint import read_checkpoint, save_checkpoint
+from csr.checkpoint import check_resume, read_checkpoint, save_checkpoint
 from csr.distributed import Runtime, all_reduce_
-from csr.io import CSRError, atomic_write_text, write_sidecar
+from csr.io import CSRError, atomic_write_text, warn, write_sidecar
 from csr.model import CSR
 
 
@@ -55,6 +55,12 @@ class TrainConfig:
             raise CSRError(f"--schedule must be constant or cosine, got {self.schedule!r}")
         if self.bpre_init not in ("zeros", "mean", "geometric_median"):
             raise CSRError(f"--bpre-init must be zeros, mean or geometric_median, got {self.bpre_init!r}")
+        for flag, v in (("--lr", self.lr), ("--temperature", self.temperature), ("--adam-eps", self.adam_eps)):
+            if not math.isfinite(v) or v <= 0:  # anything else can only produce NaN losses or Adam's traceback
+                raise CSRError(f"{flag} must be a finite number > 0, got {v}")
+        for flag, v in (("--max-steps", self.max_steps), ("--k-start", self.k_start), ("--warmup-steps", self.warmup_steps)):
+            if v < 0:
+                raise CSRError(f"{flag} must be >= 0, got {v}")
 
 
 @dataclass
@@ -64,6 +70,7 @@ class TrainData:
     x: np.ndarray
     labels: np.ndarray | None = None
     x_pair: np.ndarray | None = None
+    identity: dict[str, Any] | None = None  # the data file's path, shape, dtype, size, mtime (checked on --resume)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -206,6 +213,20 @@ def annealed_k(step: int, k: int, k_start: int, anneal_steps: int) -> int:
     return int(round(k_start + (k - k_start) * step / anneal_steps))
 
 
+def warn_k_changes(cfg: TrainConfig, k: int, hidden: int, multi_k: int, say: bool = True) -> None:
+    """One warning line for each silent change of the recipe's k values: k_start clamped to hidden/4, and
+    multi_k raised to 4·k (the second reconstruction always uses at least 4x the current k)."""
+    if not say:
+        return
+    k_first = k
+    if cfg.k_start > k:
+        k_first = min(cfg.k_start, hidden // 4)
+        if k_first < cfg.k_start:
+            warn(f"--k-start {cfg.k_start} clamped to hidden_size/4 = {hidden // 4}")
+    if multi_k < 4 * k_first:
+        warn(f"multi_k {multi_k} raised to 4·k = {4 * k_first} while k = {k_first}")
+
+
 def optimizer_step(model: CSR, opt: torch.optim.Optimizer, sched: Any, loss: torch.Tensor, idx_k: torch.Tensor,
                    grad_clip: float = 0.0) -> None:
     """One update: backward, optional clipping, Adam and schedule step, decoder renormalisation, and the deadness
@@ -257,6 +278,7 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
     last = out_dir / "last.pt"
     if resume and last.exists():
         ckpt = read_checkpoint(last)
+        check_resume(ckpt, last, model.cfg.to_dict(), data.identity)
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -279,6 +301,7 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     hidden, k = model.cfg.hidden_size, model.cfg.topk
     multi_k = cfg.multi_k or 4 * k
+    warn_k_changes(cfg, k, hidden, multi_k, rt.is_main)
     summary: dict[str, Any] = {"epochs": cfg.epochs, "steps": step}
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
@@ -299,6 +322,7 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
             with autocast(rt.device, cfg.amp):
                 out = net(x, k=k_now, multi_k=max(multi_k, 4 * k_now), dead=dead)
                 terms = step_losses(out, x, cfg, hidden, labels, rt.distributed)
+            L.check_finite_loss(terms, step + 1)
             optimizer_step(model, opt, sched, terms["total"], out["idx"][:, :k_now], cfg.grad_clip)
             step += 1
             n_steps += 1
@@ -323,7 +347,7 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
         summary.update(stats)
         if rt.is_main:
             state = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, step=step,
-                         train_config=asdict(cfg), args=args or {}, **(extra or {}))
+                         train_config=asdict(cfg), args=args or {}, data=data.identity, **(extra or {}))
             save_checkpoint(last, model, **state)
             if cfg.keep_epochs:
                 save_checkpoint(out_dir / f"epoch{epoch:03d}.pt", model, **state)

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from csr.checkpoint import check_input_dim, load_model  # noqa: E402
-from csr.cli import bool_flag, run  # noqa: E402
+from csr.cli import ArgumentParser, bool_flag, positive_int, run  # noqa: E402
 from csr.distributed import pick_device  # noqa: E402
 from csr.encode import dead_fraction, encode_array  # noqa: E402
 from csr.io import CSRError, check_output, labels_path_for, load_embeddings, load_labels, save_codes  # noqa: E402
@@ -34,7 +34,7 @@ def split_name(emb_path: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--train_emb_path", "--train-emb-path", help="database split embeddings .npy")
     d.add_argument("--eval_emb_path", "--eval-emb-path", help="query split embeddings .npy")
@@ -42,10 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSR checkpoint (.pt from main_visual.py); --cse_ckpt is the paper README's spelling")
     d.add_argument("--out", default=None, help="output directory (default: <checkpoint dir>/codes_k<topk>)")
     m = p.add_argument_group("codes")
-    m.add_argument("--topk", type=int, default=None, help="active units per code (default: the trained k)")
+    m.add_argument("--topk", type=positive_int, default=None, help="active units per code (default: the trained k)")
     m.add_argument("--values-dtype", default="float32", choices=["float32", "float16"], help="dtype of code values")
     r = p.add_argument_group("runtime")
-    r.add_argument("--batch-size", type=int, default=4096, help="rows per encoder batch")
+    r.add_argument("--batch-size", type=positive_int, default=4096, help="rows per encoder batch")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     bool_flag(r, "--overwrite", default=False, help="replace existing code files")
     return p
@@ -62,6 +62,8 @@ def main(argv=None) -> dict:
         raise CSRError(f"--topk must be in [1, hidden_size={model.cfg.hidden_size}] of {args.csr_ckpt}, got {k}")
     out = Path(args.out) if args.out else Path(args.csr_ckpt).parent / f"codes_k{k}"
     device = pick_device(args.device)
+    if args.topk is None:
+        print(f"--topk not given: encoding at the trained k = {k}")
     embs = []
     for path in inputs:  # validate everything before writing anything
         x = load_embeddings(path)

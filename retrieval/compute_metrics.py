@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from csr.cli import bool_flag, run  # noqa: E402
-from csr.io import CSRError, atomic_write_json, check_output, load_codes, load_labels, read_sidecar  # noqa: E402
+from csr.cli import ArgumentParser, bool_flag, positive_int, run  # noqa: E402
+from csr.io import (CSRError, atomic_write_json, check_output, load_codes, load_labels, load_neighbors,  # noqa: E402
+                    read_sidecar, warn)
 from csr.metrics import DEFAULT_KS, markdown_table, retrieval_metrics  # noqa: E402
 
 
@@ -31,11 +32,12 @@ def labels_from(path: str) -> np.ndarray:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--neighbors", required=True, help="neighbour indices .npy from faiss_nn.py")
     p.add_argument("--db_labels", "--db-labels", default=None, help="database labels (default: from the sidecar)")
     p.add_argument("--query_labels", "--query-labels", default=None, help="query labels (default: from the sidecar)")
-    p.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS), help="cut-offs for the @k metrics")
+    p.add_argument("--ks", type=positive_int, nargs="+", default=None,
+                   help=f"cut-offs for the @k metrics (default {' '.join(map(str, DEFAULT_KS))}, those within K)")
     p.add_argument("--out", default=None, help="metrics .json (default: <neighbors>_metrics.json)")
     bool_flag(p, "--overwrite", default=False, help="replace an existing metrics file")
     return p
@@ -44,15 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     nn_path = Path(args.neighbors)
-    if not nn_path.exists():
-        raise CSRError(f"{nn_path}: neighbours file not found")
+    neighbors = load_neighbors(nn_path)
     out = check_output(Path(args.out) if args.out else nn_path.with_name(nn_path.stem + "_metrics.json"), args.overwrite)
     side = read_sidecar(nn_path)
     db_lab, q_lab = args.db_labels or side.get("database_labels"), args.query_labels or side.get("query_labels")
     if not db_lab or not q_lab:
         raise CSRError(f"{nn_path}: no sidecar naming the labels; pass --db_labels and --query_labels")
-    neighbors = np.load(nn_path)
-    metrics = retrieval_metrics(neighbors, labels_from(db_lab), labels_from(q_lab), tuple(args.ks))
+    K = neighbors.shape[1]
+    if args.ks is None:
+        ks = [k for k in DEFAULT_KS if k <= K]
+        if len(ks) < len(DEFAULT_KS):
+            warn(f"{nn_path} has {K} neighbours per query: @k metrics only for k in {ks or 'none'}")
+    elif max(args.ks) > K:
+        raise CSRError(f"--ks {max(args.ks)}: {nn_path} has only {K} neighbours per query")
+    else:
+        ks = args.ks
+    metrics = retrieval_metrics(neighbors, labels_from(db_lab), labels_from(q_lab), tuple(ks))
     atomic_write_json(out, {"neighbors": str(nn_path), "n_queries": len(neighbors), "metrics": metrics})
     print(markdown_table([{"metric": k, "value": v} for k, v in metrics.items()]))
     print(f"wrote {out}")

@@ -8,8 +8,10 @@ Dense embeddings with FAISS (optionally truncated to the first D dims, as an MRL
         --backend faiss --dims 32 --out runs/dense32/nn.npy
 
 Both sides are L2-normalised; ties are broken by the lowest database index in every backend, so results are
-reproducible and backends agree exactly. Writes OUT (indices [Nq, K] int64), OUT with `_scores` (float32)
-and a JSON sidecar naming the inputs and their labels (read by compute_metrics.py).
+reproducible and backends agree exactly: the same scores to float rounding and the same neighbours wherever
+a score is not tied (tests/test_pipeline.py and tests/test_sparse_knn.py check this against FAISS).
+Writes OUT (indices [Nq, K] int64), OUT with `_scores` (float32) and a JSON sidecar naming the inputs and
+their labels (read by compute_metrics.py). K above the database size is clipped with a warning.
 """
 from __future__ import annotations
 
@@ -21,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from csr.cli import bool_flag, run  # noqa: E402
-from csr.io import (CSRError, atomic_save_npy, check_output, labels_path_for, load_codes,  # noqa: E402
-                    load_embeddings, write_sidecar)
-from csr.knn import BACKENDS, search  # noqa: E402
+from csr.cli import ArgumentParser, bool_flag, positive_int, run  # noqa: E402
+from csr.io import (CSRError, SparseCodes, atomic_save_npy, check_dims, check_output, check_same_width,  # noqa: E402
+                    labels_path_for, load_codes, load_embeddings, write_sidecar)
+from csr.knn import BACKENDS, clip_k, search  # noqa: E402
 
 
 def load_side(path: str, dims: int | None):
@@ -35,8 +37,7 @@ def load_side(path: str, dims: int | None):
         return load_codes(path), path
     x = load_embeddings(path)
     if dims:
-        if dims > x.shape[1]:
-            raise CSRError(f"--dims {dims} is larger than the embedding width {x.shape[1]} of {path}")
+        check_dims([dims], x.shape[1], "--dims", path)
         x = x[:, :dims]
     return np.ascontiguousarray(x, dtype=np.float32), str(labels_path_for(path))
 
@@ -46,16 +47,17 @@ def scores_path(out: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--database", "--train", dest="database", required=True, help="database: codes .npz or embeddings .npy")
     d.add_argument("--queries", "--eval", dest="queries", required=True, help="queries: codes .npz or embeddings .npy")
     d.add_argument("--out", required=True, help="neighbour indices .npy (scores go to <out>_scores.npy)")
     s = p.add_argument_group("search")
-    s.add_argument("-K", "--K", "--k", dest="K", type=int, default=100, help="neighbours per query (MRL metrics use 100)")
+    s.add_argument("-K", "--K", "--k", dest="K", type=positive_int, default=100, help="neighbours per query (MRL metrics use 100)")
     s.add_argument("--backend", default=None, choices=BACKENDS,
                    help="sparse (codes, default for .npz), faiss (dense; default for .npy), scipy (codes, reference)")
-    s.add_argument("--dims", type=int, default=None, help="truncate dense embeddings to their first DIMS dims")
+    s.add_argument("--dims", type=positive_int, default=None,
+                   help="truncate dense embeddings to their first DIMS dims (default: all)")
     r = p.add_argument_group("runtime")
     bool_flag(r, "--overwrite", default=False, help="replace existing outputs")
     return p
@@ -66,9 +68,15 @@ def main(argv=None) -> dict:
     out = check_output(Path(args.out), args.overwrite)
     db, db_labels = load_side(args.database, args.dims)
     q, q_labels = load_side(args.queries, args.dims)
+    if isinstance(db, SparseCodes) != isinstance(q, SparseCodes):
+        raise CSRError(f"--database {args.database} and --queries {args.queries} must both be codes (.npz) or "
+                       f"both be embeddings (.npy)")
+    if isinstance(db, np.ndarray):
+        check_same_width(db, q, args.database, args.queries)
     backend = args.backend or ("sparse" if args.database.endswith(".npz") else "faiss")
+    K = clip_k(args.K, len(db) if isinstance(db, np.ndarray) else db.n)
     t0 = time.time()
-    idx, scores = search(q, db, min(args.K, len(db) if isinstance(db, np.ndarray) else db.n), backend=backend)
+    idx, scores = search(q, db, K, backend=backend)
     dt = time.time() - t0
     atomic_save_npy(out, idx)
     atomic_save_npy(scores_path(out), scores)

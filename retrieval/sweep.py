@@ -20,6 +20,8 @@ Writes results/<name>/{table.md, results.json, accuracy_vs_dims.png}, models und
 one JSON per finished part under results/<name>/parts. A re-run reuses a part only when the digest of all it
 depends on matches (data files' path/size/mtime/shape, method and training configs, seed, runtime, the csr/
 library's source hash), recomputes the others, and prints which parts were reused (--force: recompute all).
+An existing report (table.md, results.json, the plot) is replaced only with --overwrite; bad input fails before
+any part runs.
 CSR flags (--epochs, --batch-size, --lr, --cl, ...) default to the paper's recipe; --topk is ignored (use --ks).
 """
 from __future__ import annotations
@@ -33,8 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from csr import distributed  # noqa: E402
 from csr.baselines import MRLConfig  # noqa: E402
-from csr.cli import add_train_args, bool_flag, configs_from_args, run  # noqa: E402
-from csr.io import labels_path_for, load_embeddings, load_labels, read_sidecar  # noqa: E402
+from csr.cli import ArgumentParser, add_train_args, bool_flag, configs_from_args, nonneg_int, positive_int, run  # noqa: E402
+from csr.io import (CSRError, check_dims, check_output, check_same_width, labels_path_for,  # noqa: E402
+                    load_embeddings, load_labels, read_sidecar)
 from csr.provenance import file_identity  # noqa: E402
 from csr.sweep import Sweep, write_report  # noqa: E402
 
@@ -50,7 +53,7 @@ ABLATIONS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--train-emb", "--train_emb", required=True, help="database split embeddings .npy (+ labels beside)")
     d.add_argument("--eval-emb", "--eval_emb", required=True, help="query split embeddings .npy (+ labels beside)")
@@ -58,15 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="output directory (default results/<name>)")
     d.add_argument("--header", default=None, help="table title (default: built from the embeddings' sidecar)")
     s = p.add_argument_group("sweep")
-    s.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256], help="active dims to compare")
+    s.add_argument("--ks", type=positive_int, nargs="+", default=[8, 16, 32, 64, 128, 256], help="active dims to compare")
     s.add_argument("--methods", nargs="+", default=["csr", "mrl", "mrl_unsup", "pca", "trunc", "full"],
                    choices=["csr", "csr_one", "mrl", "mrl_unsup", "pca", "trunc", "full"], help="methods to run")
-    s.add_argument("--one-model-k", type=int, default=0,
+    s.add_argument("--one-model-k", type=nonneg_int, default=0,
                    help="with method csr_one: train ONE CSR at this k and evaluate it at every k in --ks")
-    s.add_argument("--ablation-k", type=int, default=32, help="k of the ablation (0 = no ablation)")
+    s.add_argument("--ablation-k", type=nonneg_int, default=32, help="k of the ablation (0 = no ablation)")
     s.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS), metavar="VARIANT",
                    help="ablation variants (default: all): " + "; ".join(ABLATIONS))
-    s.add_argument("--mrl-epochs", type=int, default=20, help="MRL adaptor epochs")
+    s.add_argument("--mrl-epochs", type=positive_int, default=20, help="MRL adaptor epochs")
     s.add_argument("--mrl-heads", default="separate", choices=["separate", "shared"], help="MRL (separate) or MRL-E")
     bool_flag(s, "--force", default=False, help="recompute finished parts")
     add_train_args(p)
@@ -77,16 +80,26 @@ def main(argv=None) -> str:
     args = build_parser().parse_args(argv)
     t_start = time.time()
     xtr, xte = load_embeddings(args.train_emb), load_embeddings(args.eval_emb)
+    check_same_width(xtr, xte, args.train_emb, args.eval_emb)
+    if set(args.methods) & {"trunc", "pca", "mrl", "mrl_unsup"}:
+        check_dims(args.ks, xtr.shape[1], "--ks", args.train_emb)
+    if "csr_one" in args.methods and not args.one_model_k:
+        raise CSRError("--methods csr_one needs --one-model-k K (the k of the one model)")
     ytr = load_labels(labels_path_for(args.train_emb), len(xtr))
     yte = load_labels(labels_path_for(args.eval_emb), len(xte))
     name = args.name or Path(args.train_emb).resolve().parent.name
     out = Path(args.out or Path("results") / name)
+    for report in ("table.md", "results.json", "accuracy_vs_dims.png"):  # finished parts are reused regardless
+        check_output(out / report, args.overwrite, "--overwrite (finished parts are reused; --force recomputes them)")
     meta = read_sidecar(args.train_emb)
     backbone = meta.get("backbone") or meta.get("model_name") or meta.get("model") or "embeddings"
     size = (meta.get("preprocessing") or {}).get("size")
     header = args.header or (f"{name}: {backbone}{f' @ {size} px' if size else ''}, d={xtr.shape[1]}, "
                              f"database {len(xtr)} (train split) / queries {len(xte)} (eval split)")
     model_cfg, train_cfg = configs_from_args(args, xtr.shape[1])
+    for flag, k in (("--ks", max(args.ks)), ("--ablation-k", args.ablation_k), ("--one-model-k", args.one_model_k)):
+        if k > model_cfg.hidden_size:
+            raise CSRError(f"{flag} {k} is larger than --hidden-size {model_cfg.hidden_size}")
     rt = distributed.setup(args.use_ddp, args.device, args.gpu)
     try:
         return run_sweep(args, rt, xtr, ytr, xte, yte, name, out, meta, header, model_cfg, train_cfg, t_start)

@@ -270,3 +270,27 @@ def test_visual_trainer_with_amp_matches_fp32_run(tmp_path, monkeypatch):
             assert torch.allclose(runs[True][name], v, rtol=1e-4, atol=1e-5), name
         else:
             assert torch.equal(runs[True][name], v), name
+
+
+def test_what_counts_as_a_unit_firing():
+    """Pinned definitions (issue 12 §5). Training deadness: a unit fires in a step when it is SELECTED in some
+    row's top-k, even if ReLU makes its value 0 (the reference counts non-zero values only). The dataset dead
+    fraction of a trained model (`dead_fraction`, the sweep's and README's 'dead latents'): a unit is alive when
+    it has a NON-ZERO value in some code (zero values are padding)."""
+    from csr.encode import dead_fraction, encode_array, unit_usage
+    from csr.train import optimizer_step
+    model = CSR(CSRConfig(input_dim=2, hidden_size=4, topk=2, auxk=0, dead_threshold=1))
+    with torch.no_grad():
+        model.encoder.weight.copy_(torch.tensor([[1.0, 0.0], [-0.5, 0.0], [-1.0, 0.0], [-2.0, 0.0]]))
+        model.latent_bias.zero_()
+    x = torch.tensor([[1.0, 0.0]])  # pre-activations 1, -0.5, -1, -2: units 0 and 1 are selected, 1 with value 0
+    idx, vals = model.encode(x, 2)
+    assert idx.tolist() == [[0, 1]] and vals.tolist() == [[1.0, 0.0]]
+    model.stats_last_nonzero.fill_(5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    optimizer_step(model, opt, sched, (model.encoder.weight * 0).sum(), idx)
+    assert model.stats_last_nonzero.tolist() == [0, 0, 6, 6]  # selected = fired, zero value or not
+    assert model.dead_mask().tolist() == [False, False, True, True]
+    codes = encode_array(model, x.numpy(), 2, progress=False)
+    assert unit_usage(codes).tolist() == [1, 0, 0, 0] and dead_fraction(codes) == 0.75  # non-zero = fired

@@ -8,6 +8,7 @@ import torch
 
 from csr.baselines import PCA, MRLAdaptor, MRLConfig, matryoshka_dims, mrl_transform, train_mrl, truncate
 from csr.fashion_mnist import DEFAULT_SOURCE, load_split
+from csr.io import CSRError
 from csr.knn import search
 from csr.metrics import retrieval_metrics
 from retrieval import sweep
@@ -82,13 +83,25 @@ def test_sweep_writes_consistent_table_json_png_and_reuses_parts(pixels, tmp_pat
     assert set(parts) == {"full", "trunc_8", "trunc_16", "pca_8", "pca_16", "csr_k8", "csr_k16"}
     for key, p in parts.items():  # the table shows exactly the numbers in the JSON
         assert f"{p['top1']:.2f}" in table, key
-    assert 0 <= parts["csr_k8"]["dead_fraction"] <= 1 and parts["csr_k8"]["steps"] == 24
+    # dead fraction = units that never appear (with a non-zero value) in any train code of the trained model
+    from csr.checkpoint import load_model
+    from csr.encode import encode_array
+    model, _ = load_model(next((tmp_path / "models").glob("csr_k8.*/csr.pt")))
+    codes = encode_array(model, pixels["train"][0], 8, progress=False)
+    fired = np.zeros(512, bool)
+    fired[codes.indices[codes.values != 0].astype(np.int64)] = True
+    assert parts["csr_k8"]["dead_fraction"] == pytest.approx(1 - fired.mean(), abs=1e-12)
+    assert parts["csr_k8"]["steps"] == 24
     assert {a["variant"] for a in res["ablation"]} == set(sweep.ABLATIONS)
     assert parts["csr_k16"]["top1"] > parts["trunc_16"]["top1"]
     csr_part = next((tmp_path / "parts").glob("csr_k8.*.json"))
     mtime = csr_part.stat().st_mtime_ns
     capsys.readouterr()
-    again = sweep.main(argv)
+    with pytest.raises(CSRError, match="table.md exists; pass --overwrite"):  # a finished report is not replaced
+        sweep.main(argv)
+    assert (tmp_path / "table.md").read_text() == table
+    capsys.readouterr()
+    again = sweep.main(argv + ["--overwrite"])
     assert again == table and csr_part.stat().st_mtime_ns == mtime
     out = capsys.readouterr().out
     assert recomputed(out) == set() and "reused 13 cached parts" in out  # same flags: everything reused
@@ -103,7 +116,7 @@ def test_sweep_recomputes_exactly_the_parts_a_change_affects(pixels, tmp_path, c
     d = pixels["dir"]
     data = ["--train-emb", str(d / "train_emb.npy"), "--eval-emb", str(d / "val_emb.npy"), "--out", str(tmp_path)]
     base = ["--ks", "8", "--methods", "csr", "pca", "trunc", "mrl_unsup", "--epochs", "2", "--batch-size", "500",
-            "--hidden-size", "256", "--auxk", "32", "--ablation-k", "0", "--mrl-epochs", "1"]
+            "--hidden-size", "256", "--auxk", "32", "--ablation-k", "0", "--mrl-epochs", "1", "--overwrite"]
     first = sweep.main(data + base)
     assert recomputed(capsys.readouterr().out) == {"csr_k8", "pca_8", "trunc_8", "mrl_unsup_8"}
     sweep.main(data + base)
