@@ -7,6 +7,11 @@ Dense embeddings with FAISS (optionally truncated to the first D dims, as an MRL
     python retrieval/faiss_nn.py --database .cache/fmnist/emb/train_emb.npy --queries .cache/fmnist/emb/val_emb.npy \
         --backend faiss --dims 32 --out runs/dense32/nn.npy
 
+Past one machine's RAM, split the database across processes with torchrun (gloo on CPU, NCCL on GPU): each
+rank searches its slice for every query and the top-K lists are merged exactly (the same output, bit for bit):
+    torchrun --nproc_per_node 2 retrieval/faiss_nn.py --database train_codes.npz --queries val_codes.npz \
+        --out nn.npy --use_ddp True
+
 Both sides are L2-normalised; ties are broken by the lowest database index in every backend, so results are
 reproducible and backends agree exactly. Writes OUT (indices [Nq, K] int64), OUT with `_scores` (float32)
 and a JSON sidecar naming the inputs and their labels (read by compute_metrics.py).
@@ -21,14 +26,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from csr import distributed  # noqa: E402
 from csr.cli import bool_flag, run  # noqa: E402
 from csr.io import (CSRError, atomic_save_npy, check_output, labels_path_for, load_codes,  # noqa: E402
                     load_embeddings, write_sidecar)
-from csr.knn import BACKENDS, search  # noqa: E402
+from csr.knn import BACKENDS, distributed_search, search  # noqa: E402
 
 
 def load_side(path: str, dims: int | None):
-    """Codes (.npz) or dense embeddings (.npy, optionally truncated); plus the path of its labels."""
+    """Codes (.npz) or dense embeddings (.npy, memory-mapped, optionally truncated: the search makes the one
+    normalised float32 copy); plus the path of its labels."""
     if path.endswith(".npz"):
         if dims:
             raise CSRError("--dims truncates dense embeddings; codes choose their size with --topk at encoding")
@@ -38,7 +45,7 @@ def load_side(path: str, dims: int | None):
         if dims > x.shape[1]:
             raise CSRError(f"--dims {dims} is larger than the embedding width {x.shape[1]} of {path}")
         x = x[:, :dims]
-    return np.ascontiguousarray(x, dtype=np.float32), str(labels_path_for(path))
+    return x, str(labels_path_for(path))
 
 
 def scores_path(out: Path) -> Path:
@@ -57,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparse (codes, default for .npz), faiss (dense; default for .npy), scipy (codes, reference)")
     s.add_argument("--dims", type=int, default=None, help="truncate dense embeddings to their first DIMS dims")
     r = p.add_argument_group("runtime")
+    bool_flag(r, "--use_ddp", "--use-ddp", default=False,
+              help="under torchrun: split the database across the processes, merge the top-K lists exactly")
+    r.add_argument("--device", default="auto", help="with --use_ddp: cuda (NCCL) or cpu (gloo); auto = cuda if present")
     bool_flag(r, "--overwrite", default=False, help="replace existing outputs")
     return p
 
@@ -67,14 +77,25 @@ def main(argv=None) -> dict:
     db, db_labels = load_side(args.database, args.dims)
     q, q_labels = load_side(args.queries, args.dims)
     backend = args.backend or ("sparse" if args.database.endswith(".npz") else "faiss")
-    t0 = time.time()
-    idx, scores = search(q, db, min(args.K, len(db) if isinstance(db, np.ndarray) else db.n), backend=backend)
-    dt = time.time() - t0
+    K = min(args.K, len(db) if isinstance(db, np.ndarray) else db.n)
+    rt = distributed.setup(args.use_ddp, args.device)
+    try:
+        t0 = time.time()
+        if rt.distributed:
+            idx, scores = distributed_search(q, db, K, backend=backend)
+        else:
+            idx, scores = search(q, db, K, backend=backend)
+        dt = time.time() - t0
+    finally:
+        distributed.cleanup()
+    if not rt.is_main:
+        return {"neighbors": str(out), "seconds": dt}
     atomic_save_npy(out, idx)
     atomic_save_npy(scores_path(out), scores)
     write_sidecar(out, database=args.database, queries=args.queries, database_labels=db_labels,
-                  query_labels=q_labels, K=idx.shape[1], backend=backend, dims=args.dims, search_seconds=dt)
-    print(f"{len(idx)} queries x {idx.shape[1]} neighbours ({backend}) in {dt:.2f}s "
+                  query_labels=q_labels, K=idx.shape[1], backend=backend, dims=args.dims, search_seconds=dt,
+                  processes=rt.world_size)
+    print(f"{len(idx)} queries x {idx.shape[1]} neighbours ({backend}, {rt.world_size} process(es)) in {dt:.2f}s "
           f"({len(idx) / max(dt, 1e-9):.0f} queries/s) -> {out}")
     return {"neighbors": str(out), "seconds": dt}
 
