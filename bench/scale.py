@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--pca-sample", type=positive_int, default=200000, help="train rows the PCA covariance is fit on")
     m.add_argument("--mrl-steps", type=positive_int, default=200, help="MRL adaptor steps (batch 1024)")
     m.add_argument("--only", nargs="+", default=None, help="run only these stages (their inputs must exist)")
+    m.add_argument("--skip", nargs="+", default=[], help="stages not to run (e.g. the FAISS kNN of the baselines)")
     p.add_argument("--results", default=None, help="output stem (default bench/results/scale_<rows>)")
     return p
 
@@ -53,7 +54,7 @@ def main(argv=None) -> list[dict]:
     args = build_parser().parse_args(argv)
     plan = DryRun(args.work, args.rows, args.val_rows, tuple(args.ks), args.hidden_size, args.train_steps,
                   args.ddp_procs, args.ddp_steps, args.baseline_dims, args.pca_sample, args.mrl_steps)
-    stages = [s for s in plan.stages() if not args.only or s.name in args.only]
+    stages = [s for s in plan.stages() if (not args.only or s.name in args.only) and s.name not in args.skip]
     stem = Path(args.results or Path(__file__).resolve().parent / "results" / f"scale_{args.rows}")
     results, t0 = [], time.time()
     for s in stages:
@@ -64,7 +65,8 @@ def main(argv=None) -> list[dict]:
         results.append(r)
     table = results_table(results)
     summary = "\n".join(f"- {r['stage']}: " + ", ".join(f"{k} {round(v, 4) if isinstance(v, float) else v}"
-                                                       for k, v in r.items() if k not in COLUMNS) for r in results)
+                                                       for k, v in r.items() if k not in COLUMNS) for r in results
+                        if set(r) - set(COLUMNS))
     header = (f"Dry run: {args.rows:,} train x {args.val_rows:,} val rows, d 2048, hidden {args.hidden_size}, "
               f"{platform.node()} ({len(__import__('os').sched_getaffinity(0))} CPUs), {time.time() - t0:.0f}s end to end")
     text = f"{header}\n\n{table}\n\n{summary}\n"

@@ -317,9 +317,12 @@ def results_table(results: list[dict[str, Any]]) -> str:
 
 
 def metrics_stage(neighbours: dict[str, str]) -> dict[str, Any]:
-    """compute_metrics.py on every neighbour file; returns `{method: top-1 %, method_mAP@10: %}`."""
+    """compute_metrics.py on every neighbour file present (stages may be skipped); returns
+    `{top1_method: %, mAP@10_method: %}`."""
     out: dict[str, Any] = {}
     for name, path in neighbours.items():
+        if not Path(path).exists():
+            continue
         m = run_script("retrieval/compute_metrics.py", ["--neighbors", path, "--ks", "10", "--overwrite"])
         out[f"top1_{name}"], out[f"mAP@10_{name}"] = round(m["top1"], 2), round(m["mAP@10"], 2)
     return out
