@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--only", nargs="+", default=None, help="run only these stages (their inputs must exist)")
     m.add_argument("--skip", nargs="+", default=[], help="stages not to run (e.g. the FAISS kNN of the baselines)")
     p.add_argument("--results", default=None, help="output stem (default bench/results/scale_<rows>)")
+    p.add_argument("--add-to-earlier", action="store_true",
+                   help="keep the stages of an earlier run in the same --results files that this run does not redo")
     return p
 
 
@@ -63,12 +66,19 @@ def main(argv=None) -> list[dict]:
         print(f"== {s.name}: {r['wall_s']:.1f}s wall, {r['cpu_s']:.1f}s CPU, peak RSS {r['peak_rss_gb']:.2f} GB, "
               f"peak RssAnon {r['peak_anon_gb']:.2f} GB", flush=True)
         results.append(r)
+    if args.add_to_earlier and stem.with_suffix(".json").exists():
+        done = {r["stage"] for r in results}
+        earlier = [r for r in json.loads(stem.with_suffix(".json").read_text())["stages"] if r["stage"] not in done]
+        order = {s.name: i for i, s in enumerate(plan.stages())}
+        results = sorted(earlier + results, key=lambda r: order.get(r["stage"], len(order)))
     table = results_table(results)
     summary = "\n".join(f"- {r['stage']}: " + ", ".join(f"{k} {round(v, 4) if isinstance(v, float) else v}"
                                                        for k, v in r.items() if k not in COLUMNS) for r in results
                         if set(r) - set(COLUMNS))
     header = (f"Dry run: {args.rows:,} train x {args.val_rows:,} val rows, d 2048, hidden {args.hidden_size}, "
-              f"{platform.node()} ({len(__import__('os').sched_getaffinity(0))} CPUs), {time.time() - t0:.0f}s end to end")
+              f"{platform.node()} ({len(os.sched_getaffinity(0))} CPUs), this run {time.time() - t0:.0f}s end to end"
+              f"{'; stages of earlier runs kept (--add-to-earlier)' if args.add_to_earlier else ''}\n"
+              f"command: {' '.join(['python'] + sys.argv)}")
     text = f"{header}\n\n{table}\n\n{summary}\n"
     print("\n" + text)
     atomic_write_text(stem.with_suffix(".md"), text)

@@ -257,7 +257,7 @@ def pca_stage(train: str, val: str, out_dir: str, dims: int, sample: int) -> dic
     t0 = time.time()
     pca = PCA(dims).fit(x, sample=sample)
     fit_s = time.time() - t0
-    _write_projection(out_dir, {"train": train, "val": val}, lambda a: pca.transform(a, dims))
+    _write_projection(out_dir, {"train": (train, x), "val": (val, None)}, lambda a: pca.transform(a, dims))
     return {"fit_s": round(fit_s, 1), "fit_rows": min(sample, len(x)), "explained": round(float(pca.explained.sum()), 4)}
 
 
@@ -271,17 +271,19 @@ def mrl_stage(train: str, val: str, out_dir: str, dims: int, steps: int, batch_s
     t0 = time.time()
     head = train_mrl(x, y, cfg, max_steps=steps)
     rate = steps * batch_size / max(time.time() - t0, 1e-9)
-    _write_projection(out_dir, {"train": train, "val": val}, lambda a: mrl_transform(head, a, dims))
+    _write_projection(out_dir, {"train": (train, x), "val": (val, None)}, lambda a: mrl_transform(head, a, dims))
     return {"samples_per_s": round(rate, 1),
             "projected_full_h": round(cfg.epochs * len(x) / rate / 3600, 2)}
 
 
-def _write_projection(out_dir: str, splits: dict[str, str], project) -> None:
+def _write_projection(out_dir: str, splits: dict[str, tuple[str, np.ndarray | None]], project) -> None:
+    """`project` each split (its open memory map, or the file opened now: one mapping per file) to
+    OUT/{split}_emb.npy, with a link to its labels."""
     from csr.io import labels_path_for, load_embeddings
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for split, path in splits.items():
-        atomic_save_npy(out / f"{split}_emb.npy", project(load_embeddings(path, finite=False)))
+    for split, (path, x) in splits.items():
+        atomic_save_npy(out / f"{split}_emb.npy", project(x if x is not None else load_embeddings(path, finite=False)))
         link = out / f"{split}_labels.npy"
         if link.is_symlink() or link.exists():
             link.unlink()
