@@ -8,7 +8,9 @@ Dense embeddings with FAISS (optionally truncated to the first D dims, as an MRL
         --backend faiss --dims 32 --out runs/dense32/nn.npy
 
 Past one machine's RAM, split the database across processes with torchrun (gloo on CPU, NCCL on GPU): each
-rank searches its slice for every query and the top-K lists are merged exactly (the same output, bit for bit):
+rank searches its slice for every query and the top-K lists are merged exactly (the same output, bit for bit).
+Each rank builds the search index of its slice only; a dense .npy database is memory-mapped and each rank reads
+its rows, a codes .npz is read whole by every rank (1.28M codes at k 32 are 250 MB) and then sliced:
     torchrun --nproc_per_node 2 retrieval/faiss_nn.py --database train_codes.npz --queries val_codes.npz \
         --out nn.npy --use_ddp True
 
