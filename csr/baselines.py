@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from csr.io import CSRError
+from csr.io import CSRError, read_rows
 
 
 def truncate(x: np.ndarray, d: int) -> np.ndarray:
@@ -33,12 +33,27 @@ class PCA:
     def __init__(self, max_dim: int):
         self.max_dim = max_dim
 
-    def fit(self, x: np.ndarray, sample: int = 200000, seed: int = 0) -> "PCA":
-        x = np.asarray(x, dtype=np.float64)
-        if len(x) > sample:
-            x = x[np.sort(np.random.default_rng(seed).choice(len(x), sample, replace=False))]
-        self.mean = x.mean(0)
-        cov = np.cov(x - self.mean, rowvar=False)
+    def fit(self, x: np.ndarray, sample: int = 200000, seed: int = 0, block: int = 8192) -> "PCA":
+        """Fit on `x` (an array or a memory map), or on `sample` rows of it drawn without replacement (seed).
+
+        Streams over row blocks: two passes (mean, then the centred covariance) accumulated in float64, so
+        memory is O(d^2 + block * d) whatever the number of rows; equals `np.cov` + `eigh` on the same rows."""
+        n, dim = x.shape
+        rows = np.arange(n) if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
+        blocks = [rows[s:s + block] for s in range(0, len(rows), block)]
+
+        def read(r: np.ndarray) -> np.ndarray:
+            return np.asarray(x[r[0]:r[-1] + 1] if len(rows) == n else x[r], dtype=np.float64)
+
+        total = np.zeros(dim)
+        for r in blocks:
+            total += read(r).sum(0)
+        self.mean = total / len(rows)
+        cov = np.zeros((dim, dim))
+        for r in blocks:
+            xc = read(r) - self.mean
+            cov += xc.T @ xc
+        cov /= max(1, len(rows) - 1)
         evals, evecs = np.linalg.eigh(cov)
         order = np.argsort(evals)[::-1][: self.max_dim]
         self.components = evecs[:, order].astype(np.float32)  # [D, max_dim]
@@ -122,29 +137,40 @@ class MRLAdaptor(nn.Module):
 
 
 def train_mrl(x: np.ndarray, labels: np.ndarray | None, cfg: MRLConfig, progress: bool = True,
-              device: str = "cpu") -> MRLAdaptor:
-    """Train the adaptor on frozen embeddings; `labels=None` selects the unsupervised objective."""
+              device: str = "cpu", max_steps: int = 0) -> MRLAdaptor:
+    """Train the adaptor on frozen embeddings; `labels=None` selects the unsupervised objective.
+
+    Each batch is read from `x` (an array or a memory map: never copied whole). `max_steps` > 0 stops after
+    that many batches (the cosine schedule then spans them)."""
     torch.manual_seed(cfg.seed)
-    xt = torch.from_numpy(np.array(x, dtype=np.float32))
+    n = len(x)
     n_classes = int(labels.max()) + 1 if labels is not None else None
     yt = torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None
-    model = MRLAdaptor(xt.shape[1], cfg, n_classes).to(device)
+    model = MRLAdaptor(x.shape[1], cfg, n_classes).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
-    steps = cfg.epochs * ((len(xt) + cfg.batch_size - 1) // cfg.batch_size)
+    steps = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
+    steps = min(steps, max_steps) if max_steps > 0 else steps
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
     g = torch.Generator().manual_seed(cfg.seed)
     model.train()
-    bar = tqdm(range(cfg.epochs), desc="MRL adaptor", disable=not progress, leave=False)
-    for _ in bar:
-        perm = torch.randperm(len(xt), generator=g)
-        for s in range(0, len(xt), cfg.batch_size):
+    step = 0
+    bar = tqdm(total=steps, desc="MRL adaptor", disable=not progress, leave=False)
+    while step < steps:
+        perm = torch.randperm(n, generator=g)
+        for s in range(0, n, cfg.batch_size):
             rows = perm[s:s + cfg.batch_size]
-            loss = model.loss(xt[rows].to(device), yt[rows].to(device) if yt is not None else None)
+            xb = torch.from_numpy(read_rows(x, rows.numpy()))
+            loss = model.loss(xb.to(device), yt[rows].to(device) if yt is not None else None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            step += 1
+            bar.update()
+            if step >= steps:
+                break
         bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
+    bar.close()
     return model.eval()
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from csr.backbones import Backbone
+from csr.distributed import barrier
 from csr.io import (CSRError, NpyWriter, atomic_path, atomic_save_npy, atomic_write_json, check_file, check_output,
                     labels_path_for, load_embeddings, load_labels, write_sidecar)
 
@@ -43,6 +44,8 @@ class ExtractConfig:
     overwrite: bool = False
     strict: bool = False  # fail on the first unreadable image instead of skipping it
     progress: bool = True
+    rank: int = 0  # under torchrun: this process takes shards rank, rank + world_size, ... (needs shard_size)
+    world_size: int = 1
 
 
 @dataclass
@@ -223,6 +226,8 @@ def extract_split(source, backbone: Backbone, out_dir: str | Path, split: str, c
     settings = _settings(source, backbone, cfg)
     if cfg.shard_size:
         return _extract_sharded(source, backbone, out_dir, split, cfg, settings)
+    if cfg.world_size > 1:
+        raise CSRError("extraction splits its work across processes by shards: pass --shard-size")
     emb_path = check_output(out_dir / f"{split}_emb.npy", cfg.overwrite)
     labels_path = labels_path_for(emb_path)
     holder: dict[str, Any] = {}
@@ -251,19 +256,9 @@ def _extract_sharded(source, backbone: Backbone, out_dir: Path, split: str, cfg:
     manifest = json.loads(json.dumps({"split": split, "n": n, "shard_size": size, "num_shards": n_shards,
                                       "d": dim, **settings}))  # as it reads back from disk
     mpath = sdir / MANIFEST
-    if mpath.exists():
-        old = json.loads(mpath.read_text())
-        same = {k: v for k, v in old.items() if k not in PROVENANCE} == manifest
-        if cfg.overwrite or not same:
-            if not cfg.overwrite:
-                changed = sorted(k for k in set(old) | set(manifest)
-                                 if k not in PROVENANCE and old.get(k) != manifest.get(k))
-                raise CSRError(f"{sdir}: shards were made with other settings ({', '.join(changed)}); "
-                               "pass --overwrite to start again")
-            shutil.rmtree(sdir)
-    sdir.mkdir(parents=True, exist_ok=True)
-    if not mpath.exists():
-        write_sidecar(mpath.with_suffix(".npy"), **manifest)  # -> manifest.json with command + code version
+    if cfg.rank == 0:  # one process checks, clears and creates the shard directory; the others wait for it
+        _prepare_shard_dir(sdir, mpath, manifest, cfg.overwrite)
+    barrier()
     finished = [s for s in range(n_shards) if _shard_complete(sdir, s, min(size, n - s * size))]
     dtype = np.dtype(cfg.dtype)
 
@@ -277,14 +272,32 @@ def _extract_sharded(source, backbone: Backbone, out_dir: Path, split: str, cfg:
         return lambda: _Block(sdir / f"emb_{s:05d}.npy", sdir / f"labels_{s:05d}.npy", start, end, dim, dtype,
                               record)
 
-    todo = [(s * size, min(n, (s + 1) * size), maker(s)) for s in range(n_shards) if s not in finished]
-    if finished:
+    mine = [s for s in range(n_shards) if s % cfg.world_size == cfg.rank and s not in finished]
+    todo = [(s * size, min(n, (s + 1) * size), maker(s)) for s in mine]
+    if finished and cfg.rank == 0:
         print(f"{split}: resuming, {len(finished)} of {n_shards} shards already in {sdir}", file=sys.stderr)
     done, _, secs = run_blocks(source, backbone, todo, cfg, split)
+    barrier()  # every rank's shards are on disk before anyone reads them all
     skipped = [m for s in range(n_shards) for m in _shard_info(sdir, s)["skipped"]]
     rows = sum(_shard_info(sdir, s)["rows"] for s in range(n_shards))
     return SplitResult(split, sdir, rows, dim, skipped, secs, done, sharded=True,
                        extra={"num_shards": n_shards, "resumed_shards": len(finished)})
+
+
+def _prepare_shard_dir(sdir: Path, mpath: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+    if mpath.exists():
+        old = json.loads(mpath.read_text())
+        same = {k: v for k, v in old.items() if k not in PROVENANCE} == manifest
+        if overwrite or not same:
+            if not overwrite:
+                changed = sorted(k for k in set(old) | set(manifest)
+                                 if k not in PROVENANCE and old.get(k) != manifest.get(k))
+                raise CSRError(f"{sdir}: shards were made with other settings ({', '.join(changed)}); "
+                               "pass --overwrite to start again")
+            shutil.rmtree(sdir)
+    sdir.mkdir(parents=True, exist_ok=True)
+    if not mpath.exists():
+        write_sidecar(mpath.with_suffix(".npy"), **manifest)  # -> manifest.json with command + code version
 
 
 def _shard_info(sdir: Path, s: int) -> dict[str, Any]:

@@ -310,6 +310,16 @@ def load_labels(path: str | os.PathLike, n: int | None = None, required: bool = 
     return lab.astype(np.int64, copy=False)
 
 
+def read_rows(x: np.ndarray, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """`x[rows]` as a new array, read in increasing row order (sequential on a memory map), returned in the
+    order of `rows`."""
+    rows = np.asarray(rows)
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows),) + x.shape[1:], dtype=dtype)
+    out[order] = x[rows[order]]
+    return out
+
+
 class NpyWriter:
     """Write a large `[N, d]` .npy incrementally through a memory map into a temp file; `close()` renames it.
 

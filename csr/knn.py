@@ -51,6 +51,19 @@ def clip_k(K: int, n_db: int, flag: str = "-K") -> int:
     return min(K, n_db)
 
 
+def merge_topk(indices: np.ndarray, scores: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-K of candidate lists `[Nq, M]` (e.g. the top-K of every database slice side by side, with
+    global indices), sorted by (-score, index): ties go to the lowest index, as in one search over the whole
+    database. Padding entries have score -inf."""
+    order = np.lexsort((indices, -scores), axis=-1)[:, :K]
+    return np.take_along_axis(indices, order, 1), np.take_along_axis(scores, order, 1)
+
+
+def slice_bounds(n: int, parts: int, part: int) -> tuple[int, int]:
+    """Rows `[lo, hi)` of part `part` of `n` rows split into `parts` contiguous, near-equal slices."""
+    return n * part // parts, n * (part + 1) // parts
+
+
 def _check_k(K: int, n_db: int) -> None:
     if not 1 <= K <= n_db:
         raise CSRError(f"-k/--K must be in [1, database size {n_db}], got {K}")
@@ -137,3 +150,45 @@ def search(queries, database, K: int, backend: str = "sparse", progress: bool = 
         warn(f"the compiled sparse engine cannot load ({e}); using the slower scipy reference (same results)")
         return scipy_sparse_search(queries, database, K, progress=progress, **kw)
     return sparse_topk(queries, database, K, progress=progress, threads=threads, **kw)
+
+
+def distributed_search(queries, database, K: int, backend: str = "sparse", progress: bool = True,
+                       batch_size: int | None = None, threads: int | None = None):
+    """Exact top-K under torch.distributed: rank r searches its contiguous slice of the database (a memory
+    map stays unread outside the slice) for all queries; the per-rank top-K lists are all-gathered and merged
+    (`merge_topk`). Every rank returns the same `(indices, scores)` as `search` over the whole database, bit
+    for bit: the sparse engine's dense units are chosen from the whole database's unit counts."""
+    import torch
+    import torch.distributed as dist
+    world, rank = dist.get_world_size(), dist.get_rank()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    n = database.n if isinstance(database, SparseCodes) else database.shape[0]
+    _check_k(K, n)
+    lo, hi = slice_bounds(n, world, rank)
+    nq = queries.n if isinstance(queries, SparseCodes) else queries.shape[0]
+    codes = isinstance(database, SparseCodes)
+    part = SparseCodes(database.indices[lo:hi], database.values[lo:hi], database.hidden_size) if codes \
+        else database[lo:hi]
+    hot = None
+    if codes and backend == "sparse":  # the whole database's dense units, so scores sum in the same order
+        from csr.sparse_knn import build_index, choose_hot_units, unit_counts
+        df = torch.from_numpy(unit_counts(part, threads)).to(device)
+        dist.all_reduce(df)
+        hot = choose_hot_units(df.cpu().numpy(), n)
+    idx = np.zeros((nq, K), dtype=np.int64)
+    sc = np.full((nq, K), -np.inf, dtype=np.float32)  # padding when a slice holds fewer than K rows
+    kr = min(K, hi - lo)
+    if kr > 0 and hot is not None:
+        kb = {} if batch_size is None else {"batch_size": batch_size}
+        i, s = build_index(part, threads=threads, hot_units=hot).search(queries, kr, threads=threads,
+                                                                        progress=progress and rank == 0, **kb)
+        idx[:, :kr], sc[:, :kr] = i + lo, s
+    elif kr > 0:
+        i, s = search(queries, part, kr, backend, progress=progress and rank == 0, batch_size=batch_size,
+                      threads=threads)
+        idx[:, :kr], sc[:, :kr] = i + lo, s
+    gathered_i = [torch.empty((nq, K), dtype=torch.int64, device=device) for _ in range(world)]
+    gathered_s = [torch.empty((nq, K), dtype=torch.float32, device=device) for _ in range(world)]
+    dist.all_gather(gathered_i, torch.from_numpy(idx).to(device))
+    dist.all_gather(gathered_s, torch.from_numpy(sc).to(device))
+    return merge_topk(torch.cat(gathered_i, 1).cpu().numpy(), torch.cat(gathered_s, 1).cpu().numpy(), K)

@@ -192,9 +192,25 @@ class SparseIndex:
         return out_i, out_s
 
 
+def unit_counts(codes: SparseCodes, threads: int | None = None) -> np.ndarray:
+    """`[hidden]` int64: in how many codes each unit is non-zero (after merging duplicates)."""
+    with _num_threads(threads):
+        idx, _, ln = normalized_rows(codes)
+        return _unit_counts(idx, ln, codes.hidden_size)
+
+
+def choose_hot_units(df: np.ndarray, n: int, hot_fraction: float = HOT_FRACTION, max_hot: int = MAX_HOT) -> np.ndarray:
+    """Units stored densely: the `max_hot` most used units among those used by >= `hot_fraction` of `n` codes."""
+    order = np.argsort(-df, kind="stable")[:max_hot]
+    return order[df[order] >= max(1.0, hot_fraction * n)].astype(np.int64)
+
+
 def build_index(database: SparseCodes, *, hot_fraction: float = HOT_FRACTION, max_hot: int = MAX_HOT,
-                block: int = BLOCK, threads: int | None = None) -> SparseIndex:
-    """Normalise the database codes and build the inverted index + dense hot block."""
+                block: int = BLOCK, threads: int | None = None, hot_units: np.ndarray | None = None) -> SparseIndex:
+    """Normalise the database codes and build the inverted index + dense hot block.
+
+    `hot_units` overrides the choice of dense units (a slice of a database split across processes uses the
+    whole database's choice, so every score is summed in the same order as in one process)."""
     if not isinstance(database, SparseCodes):
         raise CSRError(f"database must be SparseCodes, got {type(database).__name__}")
     validate_codes(database.indices, database.values, database.hidden_size, "database codes")
@@ -203,8 +219,9 @@ def build_index(database: SparseCodes, *, hot_fraction: float = HOT_FRACTION, ma
     with _num_threads(threads):
         idx, val, ln = normalized_rows(database)
         df = _unit_counts(idx, ln, database.hidden_size)
-        order = np.argsort(-df, kind="stable")[:max_hot]
-        hot_units = order[df[order] >= max(1.0, hot_fraction * database.n)].astype(np.int64)
+        if hot_units is None:
+            hot_units = choose_hot_units(df, database.n, hot_fraction, max_hot)
+        hot_units = np.asarray(hot_units, dtype=np.int64)
         hot_pos = np.full(database.hidden_size, -1, dtype=np.int64)
         hot_pos[hot_units] = np.arange(hot_units.size)
         cold_df = df.copy()

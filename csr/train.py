@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -160,11 +161,13 @@ class Batches:
         if cfg.batch_size % rt.world_size:
             raise CSRError(f"--batch-size {cfg.batch_size} must be divisible by the number of DDP ranks "
                            f"({rt.world_size})")
-        # small arrays live in RAM as tensors; large ones are read from the memory map batch by batch
+        # small arrays live in RAM as tensors; large ones are read from the memory map batch by batch. The limit
+        # is shared by the processes of this machine (each DDP rank would hold its own copy).
+        per_process = ram_limit_bytes / int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
         self.cache = {}
         for name in ("x", "x_pair"):
             arr = getattr(data, name)
-            if arr is not None and arr.nbytes <= ram_limit_bytes:
+            if arr is not None and arr.nbytes <= per_process:
                 self.cache[name] = torch.from_numpy(np.array(arr, dtype=np.float32))  # a writable copy
         self.steps_per_epoch = math.ceil(self.n / cfg.batch_size)
 

@@ -23,6 +23,12 @@ model.safetensors), sharded so an interrupted run resumes; then merge with stack
     python stack_emb.py --shard_dir embeddings/imagenet_resnet50d/train_shards
     python stack_emb.py --shard_dir embeddings/imagenet_resnet50d/val_shards
 
+The same split across processes (torchrun; each rank takes shards rank, rank + N, ...; one GPU per rank):
+
+    torchrun --nproc_per_node 4 inference/pretrained_embeddings.py --use_ddp True --shard-size 100000 \
+        --train_data_ffcv $WRITE_DIR/train_500_0.50_90.beton --eval_data_ffcv $WRITE_DIR/val_500_0.50_90.beton \
+        --model_name resnet50d.ra4_e3600_r224_in1k --weights resnet50d_ra4.safetensors --out embeddings/imagenet_resnet50d
+
 Splits: the train source is written as `train`, the eval source as `val`. Preprocessing is the model's timm
 eval config (resize short side to img_size / crop_pct, centre crop, mean/std) for BOTH splits: no random
 crops or flips for the database (the authors used them; we do not). Unreadable images are skipped with a
@@ -93,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--shard-size", "--shard_size", type=int, default=0,
                     help="images per shard: write {split}_shards/emb_NNNNN.npy and resume an interrupted run "
                          "from the first unfinished shard; merge with stack_emb.py (0 = one file per split)")
+    bool_flag(rt, "--use_ddp", "--use-ddp", default=False,
+              help="under torchrun: split the shards across the processes (needs --shard-size)")
     bool_flag(rt, "--overwrite", default=False, help="replace existing outputs (and discard finished shards)")
     bool_flag(rt, "--strict", default=False, help="stop at the first unreadable image instead of skipping it")
     bool_flag(rt, "--progress", default=True, help="show a progress bar")
@@ -132,8 +140,19 @@ def make_sources(args: argparse.Namespace, preprocess) -> list[tuple[str, object
 
 def main(argv: Sequence[str] | None = None):
     args = build_parser().parse_args(argv)
+    from csr import distributed
+    rt = distributed.setup(args.use_ddp, args.device or "auto")
+    try:
+        return _extract(args, rt)
+    finally:
+        distributed.cleanup()
+
+
+def _extract(args: argparse.Namespace, rt):
     import torch
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(rt.device) if rt.distributed else args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if rt.distributed and not args.shard_size:
+        raise CSRError("--use_ddp splits the work by shards: pass --shard-size")
     if args.shard_size < 0:
         raise CSRError(f"--shard-size must be >= 0, got {args.shard_size}")
     if args.workers < 0:
@@ -144,12 +163,16 @@ def main(argv: Sequence[str] | None = None):
     sources = make_sources(args, backbone.preprocess)
     cfg = ExtractConfig(batch_size=args.batch_size, workers=args.workers, device=device, amp=args.amp,
                         dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite,
-                        strict=args.strict, progress=args.progress)
+                        strict=args.strict, progress=args.progress and rt.is_main, rank=rt.rank,
+                        world_size=rt.world_size)
     pp = backbone.preprocess
     print(f"backbone {backbone.model_name} ({backbone.dim}-d pre-logits), weights {backbone.weights}; "
           f"resize {pp.resize} {pp.interpolation} -> centre crop {pp.size}, mean {pp.mean} std {pp.std}; "
-          f"device {device}{' + AMP' if args.amp and device.startswith('cuda') else ''}", file=sys.stderr)
+          f"device {device}{' + AMP' if args.amp and device.startswith('cuda') else ''}"
+          f"{f', {rt.world_size} processes' if rt.distributed else ''}", file=sys.stderr)
     results = [extract_split(src, backbone, args.out, split, cfg) for split, src in sources]
+    if not rt.is_main:
+        return results
     print("summary:")
     for r in results:
         rate = f"{r.images_per_s:.1f} img/s" if r.computed else "nothing to compute (all shards done)"
