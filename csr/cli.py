@@ -111,6 +111,13 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
                         "forward calls, 3 per step)")
     bool_flag(m, "--tied", default=True, help="decoder = encoder^T (reference); False: untied unit-norm decoder")
     bool_flag(m, "--normalize", default=False, help="standardise each input (sentence-transformers' option)")
+    m.add_argument("--recipe", default="paper", choices=["paper", "recommended", "recommended+labels"],
+                   help="paper (default: the paper's recipe) or recommended = --bpre-init geometric_median "
+                        "--encoder-init data --tied False --recon-loss nmse (+labels: --cl label); applied on top "
+                        "of the other flags")
+    m.add_argument("--encoder-init", "--encoder_init", dest="encoder_init", default="random", choices=["random", "data"],
+                   help="encoder (and untied decoder) rows: random (reference) or data = centred, unit-norm training "
+                        "rows, so that every unit starts alive")
     m.add_argument("--bpre-init", "--bpre_init", dest="bpre_init", default="zeros",
                    choices=["zeros", "mean", "geometric_median"], help="initial pre-encoder bias b_pre")
     m.add_argument("--k-start", "--k_start", dest="k_start", type=nonneg_int, default=0,
@@ -172,9 +179,13 @@ def configs_from_args(args: argparse.Namespace, input_dim: int):
                             temperature=args.temperature, auxk_coef=args.auxk_coef,
                             multi_k_coef=args.multi_k_coef, recon_loss=args.recon_loss, wd=args.wd,
                             adam_eps=args.adam_eps, schedule=args.schedule, warmup_steps=args.warmup_steps,
-                            grad_clip=args.grad_clip, bpre_init=args.bpre_init, k_start=args.k_start,
+                            grad_clip=args.grad_clip, bpre_init=args.bpre_init,
+                            encoder_init=args.encoder_init, k_start=args.k_start,
                             k_anneal_steps=args.k_anneal_steps, seed=args.seed, amp=args.amp,
                             max_steps=args.max_steps, keep_epochs=args.keep_epochs)
+    if getattr(args, "recipe", "paper") != "paper":
+        from csr.train import apply_recipe
+        model_cfg, train_cfg = apply_recipe(args.recipe, model_cfg, train_cfg)
     return model_cfg, train_cfg
 
 

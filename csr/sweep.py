@@ -28,8 +28,9 @@ from csr.provenance import code_digest, digest
 from csr.train import AMP_DEVICE_TYPES, TrainConfig, TrainData, train
 
 METHOD_NAMES = {"full": "full-dim", "trunc": "truncation", "pca": "PCA", "mrl": "MRL adaptor (labels)",
-                "mrl_unsup": "MRL adaptor (no labels)", "csr": "CSR", "csr_one": "CSR (one model, k varied at inference)"}
-STYLES = {"csr": "o-", "csr_one": "o--", "mrl": "s-", "mrl_unsup": "s--", "pca": "^-", "trunc": "v-"}  # table rows
+                "mrl_unsup": "MRL adaptor (no labels)", "csr": "CSR", "csr_rec": "CSR (recommended recipe)",
+                "csr_rec_label": "CSR (recommended recipe + labels)", "csr_one": "CSR (one model, k varied at inference)"}
+STYLES = {"csr": "o-", "csr_rec": "D-", "csr_rec_label": "D--", "csr_one": "o--", "mrl": "s-", "mrl_unsup": "s--", "pca": "^-", "trunc": "v-"}  # table rows
 
 
 def evaluate(db, queries, db_labels: np.ndarray, q_labels: np.ndarray, K: int = 10) -> dict[str, float]:
@@ -248,8 +249,8 @@ def results_table(parts: list[dict], dims: list[int], header: str) -> str:
         for d in dims:
             row[str(d)] = f"{by_d[d]['top1']:.2f}" if d in by_d else "–"
         rows.append(row)
-        if method == "csr":
-            rows.append({"method": "CSR dead latents (%)",
+        if method.startswith("csr") and method != "csr_one":
+            rows.append({"method": f"{METHOD_NAMES[method]} dead latents (%)",
                          **{str(d): f"{100 * by_d[d]['dead_fraction']:.1f}" if d in by_d else "–" for d in dims}})
     table = markdown_table(rows, ["method"] + [str(d) for d in dims])
     lines = [header, "", "1-NN top-1 accuracy (%) against active dimensions (k for CSR, d for dense methods)", "",

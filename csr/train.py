@@ -40,6 +40,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 0.0  # 0 = off
     bpre_init: str = "zeros"  # zeros (reference) | mean | geometric_median
+    encoder_init: str = "random"  # random (reference: torch's Linear init) | data (rows = centred, unit-norm samples)
     k_start: int = 0  # k annealing (CSRv2-style, off = 0): train with k_start active units at step 0 ...
     k_anneal_steps: int = 0  # ... decreasing linearly to the model's k at this step (0 = half of all steps)
     seed: int = 1227
@@ -54,6 +55,8 @@ class TrainConfig:
             raise CSRError(f"--recon-loss must be mse or nmse, got {self.recon_loss!r}")
         if self.schedule not in ("constant", "cosine"):
             raise CSRError(f"--schedule must be constant or cosine, got {self.schedule!r}")
+        if self.encoder_init not in ("random", "data"):
+            raise CSRError(f"--encoder-init must be random or data, got {self.encoder_init!r}")
         if self.bpre_init not in ("zeros", "mean", "geometric_median"):
             raise CSRError(f"--bpre-init must be zeros, mean or geometric_median, got {self.bpre_init!r}")
         for flag, v in (("--lr", self.lr), ("--temperature", self.temperature), ("--adam-eps", self.adam_eps)):
@@ -62,6 +65,28 @@ class TrainConfig:
         for flag, v in (("--max-steps", self.max_steps), ("--k-start", self.k_start), ("--warmup-steps", self.warmup_steps)):
             if v < 0:
                 raise CSRError(f"{flag} must be >= 0, got {v}")
+
+
+# Named recipes: (CSRConfig changes, TrainConfig changes) applied on top of the flags. "paper" is the default.
+# "recommended" targets the dead latents of un-centred features (DESIGN.md): geometric-median b_pre, encoder
+# rows initialised from centred training rows, an untied unit-norm decoder (parallel gradient removed), and a
+# reconstruction loss normalised by Var(x) so that gamma weighs the same on image and text embeddings.
+# Chosen on a validation split of the training rows (see the README); "+labels" adds same-class positives.
+RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "paper": ({}, {}),
+    "recommended": (dict(tied=False), dict(bpre_init="geometric_median", encoder_init="data", recon_loss="nmse")),
+    "recommended+labels": (dict(tied=False), dict(bpre_init="geometric_median", encoder_init="data",
+                                                  recon_loss="nmse", cl="label")),
+}
+
+
+def apply_recipe(name: str, model_cfg: Any, train_cfg: "TrainConfig") -> tuple[Any, "TrainConfig"]:
+    """(model config, train config) with recipe `name`'s changes applied."""
+    if name not in RECIPES:
+        raise CSRError(f"--recipe must be one of {list(RECIPES)}, got {name!r}")
+    from dataclasses import replace
+    mchange, tchange = RECIPES[name]
+    return replace(model_cfg, **mchange), replace(train_cfg, **tchange)
 
 
 @dataclass
@@ -137,6 +162,39 @@ def init_pre_bias(model: CSR, x: np.ndarray, how: str, seed: int, sample: int = 
     center = xs.mean(0) if how == "mean" else geometric_median(xs)
     with torch.no_grad():
         model.pre_bias.copy_(torch.from_numpy(np.asarray(center, dtype=np.float32)))
+
+
+def init_encoder_from_data(model: CSR, x: np.ndarray, seed: int) -> None:
+    """Encoder rows = distinct training rows, centred by b_pre and L2-normalised; decoder rows the same.
+
+    Every unit then starts as the direction of one data point and wins the top-k for the inputs near it, so no
+    unit starts out dead (with torch's random init on un-centred features a few units win for every input).
+    The k units an input selects point roughly its way, so each row is scaled for a k-term reconstruction of
+    the right size: encoder rows by 1/k with unit-norm untied decoder rows, by 1/sqrt(k) when tied.
+    """
+    hidden = model.cfg.hidden_size
+    rng = np.random.default_rng([seed, 1])
+    rows = np.sort(rng.choice(len(x), size=hidden, replace=hidden > len(x)))
+    xs = torch.from_numpy(np.asarray(x[rows], dtype=np.float32))
+    xs = model.preprocess(xs)[0] - model.pre_bias.detach()
+    xs = xs / xs.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    k = model.cfg.topk
+    with torch.no_grad():
+        model.latent_bias.zero_()
+        if model.decoder_weight is not None:
+            model.decoder_weight.copy_(xs)
+            model.encoder.weight.copy_(xs / k)
+        else:
+            model.encoder.weight.copy_(xs / math.sqrt(k))
+
+
+def remove_parallel_decoder_grad(model: CSR) -> None:
+    """Untied unit-norm decoder (OpenAI TopK SAE): drop each row's gradient component along the row itself,
+    so that the step moves rows on the unit sphere and the renormalisation after it is a small correction."""
+    w = model.decoder_weight
+    if w is not None and w.grad is not None:
+        with torch.no_grad():
+            w.grad -= (w.grad * w).sum(1, keepdim=True) * w
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
@@ -236,6 +294,7 @@ def optimizer_step(model: CSR, opt: torch.optim.Optimizer, sched: Any, loss: tor
     counters from this step's top-k indices (OR-ed over ranks under DDP, so every rank agrees on who is dead)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    remove_parallel_decoder_grad(model)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
@@ -296,6 +355,8 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
         if resume and rt.is_main:
             print(f"--resume: no {last} yet, starting from scratch")
         init_pre_bias(model, data.x, cfg.bpre_init, cfg.seed)
+        if cfg.encoder_init == "data":
+            init_encoder_from_data(model, data.x, cfg.seed)
         model.stats_last_nonzero.zero_()
 
     net: torch.nn.Module = model

@@ -39,6 +39,7 @@ from csr.cli import ArgumentParser, add_train_args, bool_flag, configs_from_args
 from csr.io import (CSRError, check_dims, check_output, check_same_width, labels_path_for,  # noqa: E402
                     load_embeddings, load_labels, read_sidecar)
 from csr.provenance import file_identity  # noqa: E402
+from csr.train import RECIPES, apply_recipe  # noqa: E402
 from csr.sweep import Sweep, write_report  # noqa: E402
 
 # variant -> (model config changes, training config changes), each applied to the sweep's recipe at --ablation-k
@@ -49,7 +50,15 @@ ABLATIONS = {
     "cl=self, recon=nmse": ({}, dict(cl="self", recon_loss="nmse")),
     "b_pre=geometric median": ({}, dict(bpre_init="geometric_median")),
     "b_pre=geometric median, untied decoder": (dict(tied=False), dict(bpre_init="geometric_median")),
+    "encoder init=data": ({}, dict(encoder_init="data")),
+    "untied decoder": (dict(tied=False), {}),
+    "b_pre=geometric median, AuxK beta=1": ({}, dict(bpre_init="geometric_median", auxk_coef=1.0)),
+    "k annealing 64 -> k (--k-start 64)": ({}, dict(k_start=64)),
+    "batch 1024 (4x the steps)": ({}, dict(batch_size=1024)),
+    "recommended (--recipe recommended)": RECIPES["recommended"],
+    "recommended + labels": RECIPES["recommended+labels"],
 }
+RECIPE_ROWS = {"recommended": "csr_rec", "recommended+labels": "csr_rec_label"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["csr", "csr_one", "mrl", "mrl_unsup", "pca", "trunc", "full"], help="methods to run")
     s.add_argument("--one-model-k", type=nonneg_int, default=0,
                    help="with method csr_one: train ONE CSR at this k and evaluate it at every k in --ks")
+    s.add_argument("--recipes", nargs="+", default=[], choices=list(RECIPE_ROWS),
+                   help="extra CSR rows at every k, each a named recipe applied on top of the flags "
+                        "(the main CSR row is the flags' recipe: the paper's by default)")
     s.add_argument("--ablation-k", type=nonneg_int, default=32, help="k of the ablation (0 = no ablation)")
     s.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS), metavar="VARIANT",
                    help="ablation variants (default: all): " + "; ".join(ABLATIONS))
@@ -137,6 +149,10 @@ def run_sweep(args, rt, xtr, ytr, xte, yte, name, out, meta, header, model_cfg, 
             parts.append(timed("mrl_unsup", lambda: sw.mrl(k, mrl_cfg, supervised=False)))
         if "csr" in args.methods:
             parts.append(timed("csr", lambda: sw.csr(k, model_cfg, train_cfg)))
+        for recipe in args.recipes:
+            mcfg, tcfg = apply_recipe(recipe, model_cfg, train_cfg)
+            r = timed("csr", lambda: sw.csr(k, mcfg, tcfg, tag=f"{RECIPE_ROWS[recipe]}_k{k}"))
+            parts.append({**r, "row": RECIPE_ROWS[recipe]})
         if "csr_one" in args.methods and args.one_model_k:
             r = timed("csr_one", lambda: sw.csr(args.one_model_k, model_cfg, train_cfg, eval_k=k))
             parts.append({**r, "row": "csr_one"})

@@ -294,3 +294,69 @@ def test_what_counts_as_a_unit_firing():
     assert model.dead_mask().tolist() == [False, False, True, True]
     codes = encode_array(model, x.numpy(), 2, progress=False)
     assert unit_usage(codes).tolist() == [1, 0, 0, 0] and dead_fraction(codes) == 0.75  # non-zero = fired
+
+
+# ----------------------------------------------------------------------------- unit-usage remedies
+
+def test_data_init_puts_every_unit_in_some_topk_code():
+    """Encoder rows = centred unit-norm training rows: by Cauchy-Schwarz each unit is the top-1 of its own row,
+    so on the init data every unit fires; torch's random init on the same un-centred data leaves most dead."""
+    from csr.encode import dead_fraction, encode_array
+    from csr.train import init_encoder_from_data, init_pre_bias
+    rng = np.random.default_rng(0)
+    x = (np.abs(rng.normal(size=(400, 16))) + 3.0).astype(np.float32)  # non-negative, large common mean
+    for tied in (True, False):
+        m = make_model(d=16, h=128, k=2, tied=tied)
+        init_pre_bias(m, x, "mean", 0)
+        init_encoder_from_data(m, x, 0)
+        assert dead_fraction(encode_array(m, x, 2, progress=False)) == 0.0
+        scale = 1 / math.sqrt(2) if tied else 1 / 2  # k = 2 units share the reconstruction
+        assert torch.allclose(m.encoder.weight.norm(dim=1), torch.full((128,), scale), atol=1e-5)
+        assert torch.allclose(m.W_dec.norm(dim=1), torch.full((128,), scale if tied else 1.0), atol=1e-5)
+        assert torch.allclose(m.W_dec / m.W_dec.norm(dim=1, keepdim=True),
+                              m.encoder.weight / m.encoder.weight.norm(dim=1, keepdim=True), atol=1e-6)
+        assert float(m.latent_bias.abs().max()) == 0.0
+    random = make_model(d=16, h=128, k=2)
+    with torch.no_grad():
+        random.pre_bias.zero_()
+        random.latent_bias.zero_()
+    assert dead_fraction(encode_array(random, x, 2, progress=False)) > 0.5
+
+
+def test_untied_decoder_step_removes_the_parallel_gradient_and_keeps_unit_norm():
+    from csr.train import optimizer_step, remove_parallel_decoder_grad
+    m = make_model(d=12, h=48, k=3, tied=False)
+    x = torch.randn(32, 12)
+    loss = step_losses(m(x, dead=m.dead_mask()), x, TrainConfig(cl="none"), 48)["total"]
+    loss.backward()
+    g = m.decoder_weight.grad.clone()
+    remove_parallel_decoder_grad(m)
+    w = m.decoder_weight.detach()
+    assert float(g.norm()) > 0 and float((m.decoder_weight.grad * w).sum(1).abs().max()) < 1e-6
+    assert torch.allclose(m.decoder_weight.grad, g - (g * w).sum(1, keepdim=True) * w, atol=1e-7)
+    # a full update: rows stay on the unit sphere (renormalised after the step, which is now second order)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    before = m.decoder_weight.detach().clone()
+    loss = step_losses(m(x, dead=m.dead_mask()), x, TrainConfig(cl="none"), 48)["total"]
+    optimizer_step(m, opt, sched, loss, m.encode(x)[0])
+    assert torch.allclose(m.decoder_weight.norm(dim=1), torch.ones(48), atol=1e-6)
+    assert not torch.equal(before, m.decoder_weight)
+
+
+def test_recommended_remedies_leave_fewer_dead_units_on_real_pixels(tmp_path):
+    """Fashion-MNIST pixels (non-negative, large common mean, like CNN features): same steps, the paper's init
+    leaves most units dead; geometric-median b_pre + data-initialised untied decoder leaves less than half as many."""
+    from csr.encode import dead_fraction, encode_array
+    from csr.fashion_mnist import DEFAULT_SOURCE, load_split
+    xs, _ = load_split(DEFAULT_SOURCE, "train")
+    x = (xs[:3000].reshape(3000, -1) / 255.0).astype(np.float32)
+    dead = {}
+    for name, tied, tc in (("paper", True, {}),
+                           ("remedies", False, dict(bpre_init="geometric_median", encoder_init="data"))):
+        torch.manual_seed(0)
+        m = CSR(CSRConfig(input_dim=784, hidden_size=1024, topk=8, auxk=128, tied=tied))
+        train(m, TrainData(x), TrainConfig(batch_size=500, epochs=4, cl="self", **tc), tmp_path / name,
+              progress=False)
+        dead[name] = dead_fraction(encode_array(m, x, 8, progress=False))
+    assert dead["remedies"] < dead["paper"] / 2 and dead["paper"] > 0.5, dead

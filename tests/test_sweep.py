@@ -74,13 +74,18 @@ def test_sweep_writes_consistent_table_json_png_and_reuses_parts(pixels, tmp_pat
     d = pixels["dir"]
     argv = ["--train-emb", str(d / "train_emb.npy"), "--eval-emb", str(d / "val_emb.npy"), "--out", str(tmp_path),
             "--ks", "8", "16", "--methods", "csr", "pca", "trunc", "full", "--epochs", "3", "--batch-size", "256",
-            "--hidden-size", "512", "--auxk", "64", "--ablation-k", "8"]
+            "--hidden-size", "512", "--auxk", "64", "--ablation-k", "8", "--recipes", "recommended"]
     table = sweep.main(argv)
     res = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "accuracy_vs_dims.png").stat().st_size > 5000
     assert (tmp_path / "table.md").read_text() == table
     parts = {p["key"]: p for p in res["parts"]}
-    assert set(parts) == {"full", "trunc_8", "trunc_16", "pca_8", "pca_16", "csr_k8", "csr_k16"}
+    assert set(parts) == {"full", "trunc_8", "trunc_16", "pca_8", "pca_16", "csr_k8", "csr_k16", "csr_rec_k8",
+                          "csr_rec_k16"}
+    rec = parts["csr_rec_k8"]  # the recipe's row trains with the recipe's settings and is shown in the table
+    assert rec["row"] == "csr_rec" and rec["model_config"]["tied"] is False
+    assert rec["train_config"]["encoder_init"] == "data" and rec["train_config"]["recon_loss"] == "nmse"
+    assert "CSR (recommended recipe) dead latents (%)" in table
     for key, p in parts.items():  # the table shows exactly the numbers in the JSON
         assert f"{p['top1']:.2f}" in table, key
     # dead fraction = units that never appear (with a non-zero value) in any train code of the trained model
@@ -104,7 +109,7 @@ def test_sweep_writes_consistent_table_json_png_and_reuses_parts(pixels, tmp_pat
     again = sweep.main(argv + ["--overwrite"])
     assert again == table and csr_part.stat().st_mtime_ns == mtime
     out = capsys.readouterr().out
-    assert recomputed(out) == set() and "reused 13 cached parts" in out  # same flags: everything reused
+    assert recomputed(out) == set() and "reused 22 cached parts" in out  # same flags: everything reused
 
 
 def recomputed(out: str) -> set[str]:
