@@ -170,11 +170,26 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--unsupervised-cl", default="none", choices=["none", "self", "off"],
                    help="also train CSR WITHOUT labels (this --cl, reported as csr_<cl>) for a fair comparison "
                         "with the unsupervised baselines; off: skip")
+    d.add_argument("--recipes", nargs="+", default=[], choices=["recommended", "recommended+labels"],
+                   help="also train CSR with these named recipes at every k (csr_rec: no labels, "
+                        "csr_rec_label: with labels), on top of the demo's flags")
     d.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default; 1 is much faster on an oversubscribed machine)")
     add_train_args(p, cl_coef=0.1, cl="label")
     # small corpora (2k-5k texts): the paper's batch 4096 would be one step per epoch
     p.set_defaults(batch_size=256, epochs=20)
+
+
+RECIPE_TAGS = {"recommended": "rec", "recommended+labels": "rec_label"}
+
+
+def demo_variants(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """(run tag, flag changes) of each CSR the demo trains per k: the flags' --cl, the label-free --cl, recipes."""
+    cls = [args.cl if args.use_CL else "none"]
+    if args.unsupervised_cl != "off" and args.unsupervised_cl not in cls:
+        cls.append(args.unsupervised_cl)
+    out = [(cl, {"cl": cl, "use_CL": cl != "none"}) for cl in cls]
+    return out + [(RECIPE_TAGS[r], {"recipe": r}) for r in args.recipes]
 
 
 def cmd_demo(args: argparse.Namespace) -> dict:
@@ -186,9 +201,9 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     for name in ("results.json", "table.md", "accuracy_vs_dims.png"):  # refuse before hours of work, not after
         check_output(out / name, args.overwrite)
     for name in args.datasets:
-        for cl in {args.cl if args.use_CL else "none", args.unsupervised_cl} - {"off"}:
+        for tag, _ in demo_variants(args):
             for k in args.dims:
-                prepare_run_dir(Path(args.runs) / name / f"{cl}_k{k}", args.overwrite, False)
+                prepare_run_dir(Path(args.runs) / name / f"{tag}_k{k}", args.overwrite, False)
     t_start = time.time()
     if args.threads > 0:
         import torch
@@ -200,18 +215,14 @@ def cmd_demo(args: argparse.Namespace) -> dict:
         sides = T.embed_corpus(T.load_builtin(name, args.cache_dir), emb_dir, args.model, args.device,
                                args.embed_batch_size, args.max_seq_length)
         t1 = time.time()
-        variants = [args.cl if args.use_CL else "none"]
-        if args.unsupervised_cl != "off" and args.unsupervised_cl not in variants:
-            variants.append(args.unsupervised_cl)
         runs = {}
-        for cl in variants:
+        for tag, change in demo_variants(args):
             for k in args.dims:
-                targs = argparse.Namespace(**{**vars(args), "topk": k, "cl": cl, "use_CL": cl != "none",
-                                              "resume": False})
-                out = Path(args.runs) / name / f"{cl}_k{k}"
-                print(f"--- {name}: CSR --cl {cl} k={k} -> {out}")
+                targs = argparse.Namespace(**{**vars(args), "topk": k, "resume": False, **change})
+                out = Path(args.runs) / name / f"{tag}_k{k}"
+                print(f"--- {name}: CSR {' '.join(f'--{a} {v}' for a, v in change.items())} k={k} -> {out}")
                 train_from_args(targs, str(emb_dir / "train_emb.npy"), str(out))
-                runs.setdefault(f"csr_{cl}", {})[k] = str(out / "csr.pt")
+                runs.setdefault(f"csr_{tag}", {})[k] = str(out / "csr.pt")
         t2 = time.time()
         res = evaluate_folder(str(emb_dir), runs, tuple(args.dims), knn_k=args.knn_k)  # eval's default seed
         n = sum(s["n"] for s in sides.values())

@@ -85,6 +85,14 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         sys.exit(130)
 
 
+def unit_interval(s: str) -> float:
+    """A number in [0, 1] (a share of the training steps)."""
+    v = fraction(s)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {s!r}")
+    return v
+
+
 def fraction(s: str) -> float:
     """A float that may be written as a fraction, e.g. `1/32`."""
     try:
@@ -124,7 +132,14 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
                    help="k annealing (off by default): start training with this many active units, decreasing "
                         "linearly to --topk over --k-anneal-steps (against dead latents; CSRv2)")
     m.add_argument("--k-anneal-steps", "--k_anneal_steps", dest="k_anneal_steps", type=nonneg_int, default=0,
-                   help="steps of the k annealing (0 = half of all training steps)")
+                   help="steps of the k annealing (0 = --k-anneal-fraction of all training steps)")
+    m.add_argument("--k-anneal-fraction", type=unit_interval, default=0.5,
+                   help="share of all steps the k annealing lasts when --k-anneal-steps is 0 (CSRv2: 0.7)")
+    m.add_argument("--resample-every", type=nonneg_int, default=0,
+                   help="every N steps, move units idle for N steps onto the worst reconstructed inputs of the "
+                        "batch, with their Adam state reset (0 = off: the reference has no resampling)")
+    m.add_argument("--resample-until", type=unit_interval, default=0.5,
+                   help="resample during this share of all steps only, so the moved units can settle")
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=positive_float, default=4e-4, help="Adam learning rate (paper: 4e-4)")
     o.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=4096,
@@ -181,7 +196,8 @@ def configs_from_args(args: argparse.Namespace, input_dim: int):
                             adam_eps=args.adam_eps, schedule=args.schedule, warmup_steps=args.warmup_steps,
                             grad_clip=args.grad_clip, bpre_init=args.bpre_init,
                             encoder_init=args.encoder_init, k_start=args.k_start,
-                            k_anneal_steps=args.k_anneal_steps, seed=args.seed, amp=args.amp,
+                            k_anneal_steps=args.k_anneal_steps, k_anneal_fraction=args.k_anneal_fraction,
+                            resample_every=args.resample_every, resample_until=args.resample_until, seed=args.seed, amp=args.amp,
                             max_steps=args.max_steps, keep_epochs=args.keep_epochs)
     if getattr(args, "recipe", "paper") != "paper":
         from csr.train import apply_recipe
@@ -232,7 +248,9 @@ def train_from_args(args: argparse.Namespace, emb_path: str, out_dir: str, pair_
         if rt.is_main:
             print(f"done in {time.time() - t0:.1f}s: {summary['steps']} steps, final loss "
                   f"{summary.get('loss_total', float('nan')):.5g}, dead latents {summary.get('dead_fraction', 0):.1%} "
-                  f"(not fired in {model_cfg.dead_threshold} steps)")
+                  f"(not fired in {model_cfg.dead_threshold} steps), "
+                  f"{summary.get('dead_fraction_rows', float('nan')):.1%} in no code of "
+                  f"{summary.get('dead_rows_checked', 0):,} training rows")
             print(f"wrote {out / 'csr.pt'} (+ last.pt, log.jsonl, csr.json)")
         return summary
     finally:

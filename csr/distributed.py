@@ -71,6 +71,13 @@ def all_reduce_(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Every rank's `t` becomes rank `src`'s (in place; a no-op without DDP)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(t.data, src)
+    return t
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -38,3 +38,19 @@ def unit_usage(codes: SparseCodes) -> np.ndarray:
 def dead_fraction(codes: SparseCodes) -> float:
     """Fraction of units that never fire in any code (the paper's "dead latents" on a dataset)."""
     return float((unit_usage(codes) == 0).mean())
+
+
+@torch.no_grad()
+def dead_fraction_on_rows(model: CSR, x: np.ndarray, k: int | None = None, max_rows: int = 200_000,
+                          batch_size: int = 4096, seed: int = 0) -> tuple[float, int]:
+    """(fraction of units with a non-zero value in no top-k code of `x`, rows used): the dataset rule of
+    `dead_fraction`, without storing codes. Above `max_rows` rows a fixed random sample of that many is used."""
+    n = x.shape[0]
+    rows = np.arange(n) if n <= max_rows else np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
+    device = next(model.parameters()).device
+    fired = torch.zeros(model.cfg.hidden_size, dtype=torch.bool, device=device)
+    for s in range(0, len(rows), batch_size):
+        xb = torch.from_numpy(np.array(x[rows[s:s + batch_size]], dtype=np.float32)).to(device)
+        idx, vals = model.encode(xb, k)
+        fired[idx[vals != 0]] = True
+    return 1.0 - float(fired.float().mean()), len(rows)

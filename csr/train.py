@@ -17,8 +17,10 @@ from tqdm import tqdm
 from csr import losses as L
 from csr.checkpoint import check_resume, read_checkpoint, save_checkpoint
 from csr.distributed import Runtime, all_reduce_
+from csr.encode import dead_fraction_on_rows
 from csr.io import CSRError, atomic_write_text, warn, write_sidecar
 from csr.model import CSR
+from csr.remedies import init_encoder_from_data, init_pre_bias, remove_parallel_decoder_grad, resample_dead_units
 
 
 @dataclass
@@ -42,7 +44,10 @@ class TrainConfig:
     bpre_init: str = "zeros"  # zeros (reference) | mean | geometric_median
     encoder_init: str = "random"  # random (reference: torch's Linear init) | data (rows = centred, unit-norm samples)
     k_start: int = 0  # k annealing (CSRv2-style, off = 0): train with k_start active units at step 0 ...
-    k_anneal_steps: int = 0  # ... decreasing linearly to the model's k at this step (0 = half of all steps)
+    k_anneal_steps: int = 0  # ... decreasing linearly to the model's k at this step (0 = --k-anneal-fraction)
+    k_anneal_fraction: float = 0.5  # ... or over this share of all steps (CSRv2: 0.7)
+    resample_every: int = 0  # every N steps, move units idle for N steps onto badly reconstructed inputs (0 = off)
+    resample_until: float = 0.5  # ... during this share of all steps only (the moved units then settle)
     seed: int = 1227
     amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
     max_steps: int = 0  # stop after this many optimiser steps in total (0 = run all epochs)
@@ -134,67 +139,6 @@ def step_losses(out: dict[str, torch.Tensor], x: torch.Tensor, cfg: TrainConfig,
     terms["total"] = (terms["recon_k"] + cfg.multi_k_coef * terms["recon_multi"] + cfg.auxk_coef * terms["auxk"]
                       + cfg.cl_coef * terms["cl"])
     return terms
-
-
-# ----------------------------------------------------------------------------- initialisation
-
-def geometric_median(x: np.ndarray, iters: int = 100, tol: float = 1e-6) -> np.ndarray:
-    """Weiszfeld's algorithm."""
-    x = x.astype(np.float64)
-    m = x.mean(0)
-    for _ in range(iters):
-        w = 1.0 / np.maximum(np.linalg.norm(x - m, axis=1), 1e-12)
-        new = (w[:, None] * x).sum(0) / w.sum()
-        if np.linalg.norm(new - m) <= tol * max(1.0, np.linalg.norm(m)):
-            return new
-        m = new
-    return m
-
-
-def init_pre_bias(model: CSR, x: np.ndarray, how: str, seed: int, sample: int = 10000) -> None:
-    if how == "zeros":
-        return
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(len(x), size=min(sample, len(x)), replace=False))
-    xs = np.asarray(x[rows], dtype=np.float32)
-    if model.cfg.normalize:
-        xs = model.preprocess(torch.from_numpy(xs))[0].numpy()
-    center = xs.mean(0) if how == "mean" else geometric_median(xs)
-    with torch.no_grad():
-        model.pre_bias.copy_(torch.from_numpy(np.asarray(center, dtype=np.float32)))
-
-
-def init_encoder_from_data(model: CSR, x: np.ndarray, seed: int) -> None:
-    """Encoder rows = distinct training rows, centred by b_pre and L2-normalised; decoder rows the same.
-
-    Every unit then starts as the direction of one data point and wins the top-k for the inputs near it, so no
-    unit starts out dead (with torch's random init on un-centred features a few units win for every input).
-    The k units an input selects point roughly its way, so each row is scaled for a k-term reconstruction of
-    the right size: encoder rows by 1/k with unit-norm untied decoder rows, by 1/sqrt(k) when tied.
-    """
-    hidden = model.cfg.hidden_size
-    rng = np.random.default_rng([seed, 1])
-    rows = np.sort(rng.choice(len(x), size=hidden, replace=hidden > len(x)))
-    xs = torch.from_numpy(np.asarray(x[rows], dtype=np.float32))
-    xs = model.preprocess(xs)[0] - model.pre_bias.detach()
-    xs = xs / xs.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    k = model.cfg.topk
-    with torch.no_grad():
-        model.latent_bias.zero_()
-        if model.decoder_weight is not None:
-            model.decoder_weight.copy_(xs)
-            model.encoder.weight.copy_(xs / k)
-        else:
-            model.encoder.weight.copy_(xs / math.sqrt(k))
-
-
-def remove_parallel_decoder_grad(model: CSR) -> None:
-    """Untied unit-norm decoder (OpenAI TopK SAE): drop each row's gradient component along the row itself,
-    so that the step moves rows on the unit sphere and the renormalisation after it is a small correction."""
-    w = model.decoder_weight
-    if w is not None and w.grad is not None:
-        with torch.no_grad():
-            w.grad -= (w.grad * w).sum(1, keepdim=True) * w
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
@@ -335,7 +279,8 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
     model.to(rt.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.wd)
     sched = make_scheduler(opt, cfg, total_steps)
-    anneal_steps = cfg.k_anneal_steps or total_steps // 2
+    anneal_steps = cfg.k_anneal_steps or int(cfg.k_anneal_fraction * total_steps)
+    resample_gen = torch.Generator(device=rt.device).manual_seed(cfg.seed + 1)
     start_epoch, step, log_lines = 0, 0, []
     last = out_dir / "last.pt"
     if resume and last.exists():
@@ -372,7 +317,7 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
         if cfg.max_steps and step >= cfg.max_steps:
             break
         sums: dict[str, float] = {}
-        n_steps, n_samples, t0 = 0, 0, time.time()
+        n_steps, n_samples, n_resampled, t0 = 0, 0, 0, time.time()
         bar = tqdm(batches.epoch(epoch), total=batches.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (progress and rt.is_main), leave=False)
         for x, labels, x_pair in bar:
@@ -389,6 +334,9 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
             L.check_finite_loss(terms, step + 1)
             optimizer_step(model, opt, sched, terms["total"], out["idx"][:, :k_now], cfg.grad_clip)
             step += 1
+            if cfg.resample_every and step % cfg.resample_every == 0 and step < cfg.resample_until * total_steps:
+                moved, _ = resample_dead_units(model, opt, x, k_now, cfg.resample_every, resample_gen)
+                n_resampled += int(moved.numel())
             n_steps += 1
             n_samples += x.shape[0] * rt.world_size // (2 if x_pair is not None else 1)
             accumulate(sums, terms)
@@ -406,7 +354,7 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
             sums = {n: float(v) / rt.world_size for n, v in zip(names, t.tolist())}
         stats = {"epoch": epoch, "step": step, **{f"loss_{n}": s / max(1, n_steps) for n, s in sums.items()},
                  "dead_fraction": float(model.dead_mask().float().mean()), "samples_per_s": n_samples / max(dt, 1e-9),
-                 "lr": sched.get_last_lr()[0], "epoch_time_s": dt}
+                 "lr": sched.get_last_lr()[0], "epoch_time_s": dt, "resampled_units": n_resampled}
         log_lines.append(json.dumps(stats))
         summary.update(stats)
         if rt.is_main:
@@ -421,6 +369,12 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
                   f"dead {stats['dead_fraction']:.1%}, {stats['samples_per_s']:.0f} samples/s")
     summary["steps"] = step
     if rt.is_main:
+        # the "dead latents" of the trained model: units in no top-k code of the training rows (the sweep's rule)
+        model.eval()
+        summary["dead_fraction_rows"], summary["dead_rows_checked"] = dead_fraction_on_rows(model, data.x)
+        if log_lines:
+            log_lines[-1] = json.dumps({**json.loads(log_lines[-1]), "dead_fraction_rows": summary["dead_fraction_rows"]})
+            atomic_write_text(out_dir / "log.jsonl", "\n".join(log_lines) + "\n")
         final = out_dir / "csr.pt"
         save_checkpoint(final, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                         epoch=cfg.epochs - 1, step=step, train_config=asdict(cfg), args=args or {}, complete=True,

@@ -70,14 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="output directory (default results/<name>)")
     d.add_argument("--header", default=None, help="table title (default: built from the embeddings' sidecar)")
     s = p.add_argument_group("sweep")
-    s.add_argument("--ks", type=positive_int, nargs="+", default=[8, 16, 32, 64, 128, 256], help="active dims to compare")
+    s.add_argument("--ks", type=positive_int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128, 256],
+                   help="active dims to compare")
     s.add_argument("--methods", nargs="+", default=["csr", "mrl", "mrl_unsup", "pca", "trunc", "full"],
                    choices=["csr", "csr_one", "mrl", "mrl_unsup", "pca", "trunc", "full"], help="methods to run")
     s.add_argument("--one-model-k", type=nonneg_int, default=0,
                    help="with method csr_one: train ONE CSR at this k and evaluate it at every k in --ks")
-    s.add_argument("--recipes", nargs="+", default=[], choices=list(RECIPE_ROWS),
-                   help="extra CSR rows at every k, each a named recipe applied on top of the flags "
-                        "(the main CSR row is the flags' recipe: the paper's by default)")
+    s.add_argument("--recipes", nargs="*", default=list(RECIPE_ROWS), choices=list(RECIPE_ROWS),
+                   help="extra CSR rows at every k, each a named recipe applied on top of the flags (default: "
+                        "both; none: `--recipes` alone). The main CSR row is the flags' recipe: the paper's by default")
     s.add_argument("--ablation-k", type=nonneg_int, default=32, help="k of the ablation (0 = no ablation)")
     s.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS), metavar="VARIANT",
                    help="ablation variants (default: all): " + "; ".join(ABLATIONS))

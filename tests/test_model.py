@@ -148,6 +148,10 @@ def test_k_annealing_starts_wide_and_ends_at_k(tmp_path):
           progress=False)
     assert seen == [annealed_k(s, 2, 12, 6) for s in range(10)] and seen[0] == 12 and seen[-4:] == [2] * 4
     assert m.cfg.topk == 2 and m.encode(torch.from_numpy(x))[0].shape[1] == 2
+    seen.clear()  # without --k-anneal-steps the annealing lasts --k-anneal-fraction of all 10 steps
+    train(m, TrainData(x), TrainConfig(batch_size=20, epochs=2, cl="none", k_start=12, k_anneal_fraction=0.7),
+          tmp_path / "fraction", progress=False)
+    assert seen == [annealed_k(s, 2, 12, 7) for s in range(10)] and seen[6] > 2 and seen[7:] == [2] * 3
 
 
 def test_self_contrastive_one_pass_equals_two_view_formula():
@@ -302,7 +306,7 @@ def test_data_init_puts_every_unit_in_some_topk_code():
     """Encoder rows = centred unit-norm training rows: by Cauchy-Schwarz each unit is the top-1 of its own row,
     so on the init data every unit fires; torch's random init on the same un-centred data leaves most dead."""
     from csr.encode import dead_fraction, encode_array
-    from csr.train import init_encoder_from_data, init_pre_bias
+    from csr.remedies import init_encoder_from_data, init_pre_bias
     rng = np.random.default_rng(0)
     x = (np.abs(rng.normal(size=(400, 16))) + 3.0).astype(np.float32)  # non-negative, large common mean
     for tied in (True, False):
@@ -324,7 +328,8 @@ def test_data_init_puts_every_unit_in_some_topk_code():
 
 
 def test_untied_decoder_step_removes_the_parallel_gradient_and_keeps_unit_norm():
-    from csr.train import optimizer_step, remove_parallel_decoder_grad
+    from csr.remedies import remove_parallel_decoder_grad
+    from csr.train import optimizer_step
     m = make_model(d=12, h=48, k=3, tied=False)
     x = torch.randn(32, 12)
     loss = step_losses(m(x, dead=m.dead_mask()), x, TrainConfig(cl="none"), 48)["total"]
@@ -360,3 +365,57 @@ def test_recommended_remedies_leave_fewer_dead_units_on_real_pixels(tmp_path):
               progress=False)
         dead[name] = dead_fraction(encode_array(m, x, 8, progress=False))
     assert dead["remedies"] < dead["paper"] / 2 and dead["paper"] > 0.5, dead
+
+
+def test_resampled_units_fire_on_the_inputs_they_were_moved_to():
+    """Idle units are moved onto badly reconstructed inputs: each then enters the top-k code of its input, its
+    Adam moments and idle counter restart, and nothing else changes."""
+    from csr.remedies import resample_dead_units
+    for tied in (True, False):
+        m = make_model(d=64, h=256, k=4, tied=tied)
+        x = torch.randn(96, 64)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        step_losses(m(x, dead=m.dead_mask()), x, TrainConfig(cl="none"), 256)["total"].backward()
+        opt.step()
+        idle = torch.zeros(256, dtype=torch.bool)
+        idle[::8] = True  # 32 idle units
+        with torch.no_grad():
+            m.stats_last_nonzero[idle] = 50
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        moments = {id(p): opt.state[p]["exp_avg"].clone() for p in m.parameters()}
+        err_before = (x - m.decode(*m.encode(x))).pow(2).sum(1)
+        units, rows = resample_dead_units(m, opt, x, 4, 30, torch.Generator().manual_seed(0))
+        assert torch.equal(units, idle.nonzero().flatten()) and len(set(rows.tolist())) == 32
+        idx, _ = m.encode(x[rows], 4)
+        assert bool((idx == units[:, None]).any(1).all())  # every moved unit is in its input's top-k code
+        assert float(err_before[rows].mean()) > float(err_before.mean())  # drawn by squared residual
+        assert int(m.stats_last_nonzero[idle].max()) == 0 and int(m.stats_last_nonzero[~idle].min()) == 0
+        for p in m.parameters():
+            if p.shape[0] == 256:
+                assert float(opt.state[p]["exp_avg"][idle].abs().max()) == 0.0
+                assert torch.equal(opt.state[p]["exp_avg"][~idle], moments[id(p)][~idle])
+        for n, p in m.named_parameters():
+            if p.shape[0] == 256:
+                assert torch.equal(p[~idle], before[n][~idle]) and not torch.equal(p[idle], before[n][idle])
+        if not tied:
+            assert torch.allclose(m.decoder_weight[idle].norm(dim=1), torch.ones(32), atol=1e-5)
+        assert resample_dead_units(m, opt, x, 4, 30)[0].numel() == 0  # nobody idle any more
+
+
+def test_trained_model_reports_units_dead_on_the_training_rows(tmp_path):
+    """Log, sidecar and summary carry the fraction of units in no code of the training rows, equal to the
+    dataset rule applied to the stored codes (and to a sample of rows when there are more than max_rows)."""
+    import json
+    from csr.encode import dead_fraction, dead_fraction_on_rows, encode_array
+    m = make_model(d=16, h=64, k=2)
+    with torch.no_grad():
+        m.latent_bias[:20] = -1e4  # 20 units can never fire
+    x = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
+    summary = train(m, TrainData(x), TrainConfig(batch_size=100, epochs=1, cl="none"), tmp_path, progress=False)
+    expected = dead_fraction(encode_array(m, x, 2, progress=False))
+    assert expected >= 20 / 64 and summary["dead_fraction_rows"] == pytest.approx(expected)
+    assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["dead_fraction_rows"] == pytest.approx(expected)
+    assert json.loads((tmp_path / "csr.json").read_text())["final_stats"]["dead_fraction_rows"] == pytest.approx(expected)
+    frac, used = dead_fraction_on_rows(m, x, max_rows=50, seed=3)
+    rows = np.sort(np.random.default_rng(3).choice(300, 50, replace=False))
+    assert used == 50 and frac == pytest.approx(dead_fraction(encode_array(m, x[rows], 2, progress=False)))

@@ -121,7 +121,7 @@ def test_sweep_recomputes_exactly_the_parts_a_change_affects(pixels, tmp_path, c
     d = pixels["dir"]
     data = ["--train-emb", str(d / "train_emb.npy"), "--eval-emb", str(d / "val_emb.npy"), "--out", str(tmp_path)]
     base = ["--ks", "8", "--methods", "csr", "pca", "trunc", "mrl_unsup", "--epochs", "2", "--batch-size", "500",
-            "--hidden-size", "256", "--auxk", "32", "--ablation-k", "0", "--mrl-epochs", "1", "--overwrite"]
+            "--hidden-size", "256", "--auxk", "32", "--ablation-k", "0", "--mrl-epochs", "1", "--recipes", "--overwrite"]
     first = sweep.main(data + base)
     assert recomputed(capsys.readouterr().out) == {"csr_k8", "pca_8", "trunc_8", "mrl_unsup_8"}
     sweep.main(data + base)
