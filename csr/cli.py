@@ -177,8 +177,8 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
     bool_flag(r, "--keep-epochs", default=False, help="keep a checkpoint of every epoch (OUT/epochNNN.pt)")
 
 
-def configs_from_args(args: argparse.Namespace, input_dim: int):
-    """Build (CSRConfig, TrainConfig) from the flags of `add_train_args`."""
+def configs_from_args(args: argparse.Namespace, input_dim: int, x=None):
+    """Build (CSRConfig, TrainConfig) from the flags of `add_train_args` (`x`: the training rows, for --recipe)."""
     from csr.model import CSRConfig
     from csr.train import TrainConfig
     hidden = args.hidden_size or 4 * input_dim
@@ -201,7 +201,7 @@ def configs_from_args(args: argparse.Namespace, input_dim: int):
                             max_steps=args.max_steps, keep_epochs=args.keep_epochs)
     if getattr(args, "recipe", "paper") != "paper":
         from csr.train import apply_recipe
-        model_cfg, train_cfg = apply_recipe(args.recipe, model_cfg, train_cfg)
+        model_cfg, train_cfg = apply_recipe(args.recipe, model_cfg, train_cfg, x, args.hidden_size is not None)
     return model_cfg, train_cfg
 
 
@@ -230,7 +230,7 @@ def train_from_args(args: argparse.Namespace, emb_path: str, out_dir: str, pair_
         x_pair = load_embeddings(pair_path)
         if x_pair.shape != x.shape:
             raise CSRError(f"{pair_path}: paired embeddings have shape {x_pair.shape}, expected {x.shape}")
-    model_cfg, train_cfg = configs_from_args(args, x.shape[1])
+    model_cfg, train_cfg = configs_from_args(args, x.shape[1], x)
     rt = distributed.setup(args.use_ddp, args.device, args.gpu)
     if args.overwrite and not args.resume and rt.is_main:
         clear_run_dir(out)

@@ -72,26 +72,51 @@ class TrainConfig:
                 raise CSRError(f"{flag} must be >= 0, got {v}")
 
 
-# Named recipes: (CSRConfig changes, TrainConfig changes) applied on top of the flags. "paper" is the default.
-# "recommended" targets the dead latents of un-centred features (DESIGN.md): geometric-median b_pre, encoder
-# rows initialised from centred training rows, an untied unit-norm decoder (parallel gradient removed), and a
-# reconstruction loss normalised by Var(x) so that gamma weighs the same on image and text embeddings.
-# Chosen on a validation split of the training rows (see the README); "+labels" adds same-class positives.
-RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "paper": ({}, {}),
-    "recommended": (dict(tied=False), dict(bpre_init="geometric_median", encoder_init="data", recon_loss="nmse")),
-    "recommended+labels": (dict(tied=False), dict(bpre_init="geometric_median", encoder_init="data",
-                                                  recon_loss="nmse", cl="label")),
+# Named recipes, applied on top of the flags; "paper" (the default) changes nothing. A recipe adapts to two
+# measured properties of the training rows, never to a data set's name (choices made on validation splits of the
+# training rows, README "Recipes"):
+# - non-negative features (post-ReLU CNN embeddings) share a large common mean, which leaves most units dead with
+#   b_pre = 0 (DESIGN.md): centre with the geometric median, untie the decoder (unit-norm rows, parallel gradient
+#   removed), reconstruction loss normalised by Var(x), self-contrastive term;
+# - signed features (sentence embeddings) lost accuracy and cluster quality with those changes and with the
+#   self-contrastive term: keep the paper's centring and tied decoder, no contrastive term;
+# - both: dead units are resampled onto badly reconstructed inputs, and the default hidden size 4·d is capped
+#   at one unit per ROWS_PER_UNIT training rows (a 1.6k-text corpus with 1536 units gets codes that do not
+#   generalise). "+labels" uses same-class positives with gamma = 1 (0.1 in the paper).
+RESAMPLE = dict(resample_every=14, resample_until=0.9)
+NONNEG = (dict(tied=False), dict(bpre_init="geometric_median", recon_loss="nmse", cl="self", **RESAMPLE))
+SIGNED = ({}, dict(cl="none", **RESAMPLE))
+RECIPES: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
+    "paper": {"nonnegative": ({}, {}), "signed": ({}, {})},
+    "recommended": {"nonnegative": NONNEG, "signed": SIGNED},
+    "recommended+labels": {"nonnegative": (NONNEG[0], {**NONNEG[1], "cl": "label", "cl_coef": 1.0}),
+                           "signed": (SIGNED[0], {**SIGNED[1], "cl": "label", "cl_coef": 1.0})},
 }
+ROWS_PER_UNIT = 4
 
 
-def apply_recipe(name: str, model_cfg: Any, train_cfg: "TrainConfig") -> tuple[Any, "TrainConfig"]:
-    """(model config, train config) with recipe `name`'s changes applied."""
+def is_nonnegative(x: np.ndarray, sample: int = 10000, seed: int = 0) -> bool:
+    """Whether the rows are non-negative features (checked on a fixed sample of rows: memmaps stay cheap)."""
+    n = len(x)
+    rows = np.arange(n) if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
+    return bool(np.min(np.asarray(x[rows])) >= 0)
+
+
+def apply_recipe(name: str, model_cfg: Any, train_cfg: "TrainConfig", x: np.ndarray | None = None,
+                 hidden_fixed: bool = False) -> tuple[Any, "TrainConfig"]:
+    """(model config, train config) with recipe `name` applied for training rows `x` (None: non-negative rows,
+    no cap). An explicit --hidden-size (`hidden_fixed`) is kept."""
     if name not in RECIPES:
         raise CSRError(f"--recipe must be one of {list(RECIPES)}, got {name!r}")
     from dataclasses import replace
-    mchange, tchange = RECIPES[name]
-    return replace(model_cfg, **mchange), replace(train_cfg, **tchange)
+    kind = "nonnegative" if x is None or is_nonnegative(x) else "signed"
+    mchange, tchange = RECIPES[name][kind]
+    model_cfg, train_cfg = replace(model_cfg, **mchange), replace(train_cfg, **tchange)
+    if name != "paper" and x is not None and not hidden_fixed:
+        cap = max(len(x) // ROWS_PER_UNIT, 4 * model_cfg.topk)
+        if cap < model_cfg.hidden_size:
+            model_cfg = replace(model_cfg, hidden_size=cap)
+    return model_cfg, train_cfg
 
 
 @dataclass

@@ -39,24 +39,22 @@ from csr.cli import ArgumentParser, add_train_args, bool_flag, configs_from_args
 from csr.io import (CSRError, check_dims, check_output, check_same_width, labels_path_for,  # noqa: E402
                     load_embeddings, load_labels, read_sidecar)
 from csr.provenance import file_identity  # noqa: E402
-from csr.train import RECIPES, apply_recipe  # noqa: E402
+from csr.train import apply_recipe  # noqa: E402
 from csr.sweep import Sweep, write_report  # noqa: E402
 
-# variant -> (model config changes, training config changes), each applied to the sweep's recipe at --ablation-k
+# variant -> (model config changes, training config changes) or a recipe name, applied to the flags at --ablation-k
 ABLATIONS = {
     "cl=none": ({}, dict(cl="none")),
     "cl=self (paper)": ({}, dict(cl="self")),
     "cl=label": ({}, dict(cl="label")),
-    "cl=self, recon=nmse": ({}, dict(cl="self", recon_loss="nmse")),
+    "recon=nmse": ({}, dict(recon_loss="nmse")),
     "b_pre=geometric median": ({}, dict(bpre_init="geometric_median")),
-    "b_pre=geometric median, untied decoder": (dict(tied=False), dict(bpre_init="geometric_median")),
-    "encoder init=data": ({}, dict(encoder_init="data")),
     "untied decoder": (dict(tied=False), {}),
-    "b_pre=geometric median, AuxK beta=1": ({}, dict(bpre_init="geometric_median", auxk_coef=1.0)),
-    "k annealing 64 -> k (--k-start 64)": ({}, dict(k_start=64)),
-    "batch 1024 (4x the steps)": ({}, dict(batch_size=1024)),
-    "recommended (--recipe recommended)": RECIPES["recommended"],
-    "recommended + labels": RECIPES["recommended+labels"],
+    "encoder init=data": ({}, dict(encoder_init="data")),
+    "resampling (--resample-every 14)": ({}, dict(resample_every=14, resample_until=0.9)),
+    "k annealing 64 -> k over 70% of steps": ({}, dict(k_start=64, k_anneal_fraction=0.7)),
+    "recommended (--recipe recommended)": "recommended",
+    "recommended + labels": "recommended+labels",
 }
 RECIPE_ROWS = {"recommended": "csr_rec", "recommended+labels": "csr_rec_label"}
 
@@ -109,7 +107,7 @@ def main(argv=None) -> str:
     size = (meta.get("preprocessing") or {}).get("size")
     header = args.header or (f"{name}: {backbone}{f' @ {size} px' if size else ''}, d={xtr.shape[1]}, "
                              f"database {len(xtr)} (train split) / queries {len(xte)} (eval split)")
-    model_cfg, train_cfg = configs_from_args(args, xtr.shape[1])
+    model_cfg, train_cfg = configs_from_args(args, xtr.shape[1], xtr)
     for flag, k in (("--ks", max(args.ks)), ("--ablation-k", args.ablation_k), ("--one-model-k", args.one_model_k)):
         if k > model_cfg.hidden_size:
             raise CSRError(f"{flag} {k} is larger than --hidden-size {model_cfg.hidden_size}")
@@ -151,20 +149,29 @@ def run_sweep(args, rt, xtr, ytr, xte, yte, name, out, meta, header, model_cfg, 
         if "csr" in args.methods:
             parts.append(timed("csr", lambda: sw.csr(k, model_cfg, train_cfg)))
         for recipe in args.recipes:
-            mcfg, tcfg = apply_recipe(recipe, model_cfg, train_cfg)
+            mcfg, tcfg = apply_recipe(recipe, model_cfg, train_cfg, xtr, args.hidden_size is not None)
             r = timed("csr", lambda: sw.csr(k, mcfg, tcfg, tag=f"{RECIPE_ROWS[recipe]}_k{k}"))
             parts.append({**r, "row": RECIPE_ROWS[recipe]})
         if "csr_one" in args.methods and args.one_model_k:
             r = timed("csr_one", lambda: sw.csr(args.one_model_k, model_cfg, train_cfg, eval_k=k))
             parts.append({**r, "row": "csr_one"})
     ablation = []
+    trained_at_ablation_k = [((model_cfg, train_cfg), f"csr_k{args.ablation_k}")]
+    trained_at_ablation_k += [(apply_recipe(r, model_cfg, train_cfg, xtr, args.hidden_size is not None),
+                               f"{RECIPE_ROWS[r]}_k{args.ablation_k}")
+                              for r in args.recipes]
     if args.ablation_k:
         for variant in args.ablations:
-            mchange, tchange = ABLATIONS[variant]
-            mcfg, tcfg = replace(model_cfg, **mchange), replace(train_cfg, **tchange)
+            if isinstance(ABLATIONS[variant], str):
+                mcfg, tcfg = apply_recipe(ABLATIONS[variant], model_cfg, train_cfg, xtr, args.hidden_size is not None)
+                mchange, tchange = {}, {"recipe": ABLATIONS[variant]}
+            else:
+                mchange, tchange = ABLATIONS[variant]
+                mcfg, tcfg = replace(model_cfg, **mchange), replace(train_cfg, **tchange)
             tag = f"ablation_k{args.ablation_k}_" + "_".join(f"{a}-{b}" for a, b in {**mchange, **tchange}.items())
-            if (mcfg, tcfg) == (model_cfg, train_cfg):  # the main run at this k is this variant: reuse it
-                tag = f"csr_k{args.ablation_k}"
+            for configs, row_tag in trained_at_ablation_k:  # a row at this k trained this variant: reuse it
+                if configs == (mcfg, tcfg):
+                    tag = row_tag
             r = timed("ablation", lambda: sw.csr(args.ablation_k, mcfg, tcfg, tag=tag))
             ablation.append({**r, "variant": variant})
     if not rt.is_main:
@@ -178,7 +185,7 @@ def run_sweep(args, rt, xtr, ytr, xte, yte, name, out, meta, header, model_cfg, 
     print("stage compute time (s, as each part recorded it): "
           + ", ".join(f"{k} {v:.0f}" for k, v in stage_seconds.items()))
     print(sw.summary())
-    print(f"wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'accuracy_vs_dims.png'}")
+    print(f"sweep done in {time.time() - t_start:.0f}s wall; wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'accuracy_vs_dims.png'}")
     return table
 
 

@@ -1,5 +1,6 @@
 """The CSR model and losses against plain dense reference implementations."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -349,22 +350,50 @@ def test_untied_decoder_step_removes_the_parallel_gradient_and_keeps_unit_norm()
     assert not torch.equal(before, m.decoder_weight)
 
 
-def test_recommended_remedies_leave_fewer_dead_units_on_real_pixels(tmp_path):
-    """Fashion-MNIST pixels (non-negative, large common mean, like CNN features): same steps, the paper's init
-    leaves most units dead; geometric-median b_pre + data-initialised untied decoder leaves less than half as many."""
+def test_recommended_recipe_leaves_fewer_dead_units_on_real_pixels(tmp_path):
+    """Fashion-MNIST pixels (non-negative, large common mean, like CNN features), the same number of steps:
+    the paper's recipe leaves most units dead; each remedy alone leaves fewer, the recommended recipe fewest."""
     from csr.encode import dead_fraction, encode_array
     from csr.fashion_mnist import DEFAULT_SOURCE, load_split
+    from csr.train import apply_recipe
     xs, _ = load_split(DEFAULT_SOURCE, "train")
     x = (xs[:3000].reshape(3000, -1) / 255.0).astype(np.float32)
+    base = (CSRConfig(input_dim=784, hidden_size=1024, topk=8, auxk=128), TrainConfig(batch_size=500, epochs=4))
+    variants = {"paper": base, "recommended": apply_recipe("recommended", *base, x),
+                "geometric median": (base[0], replace(base[1], bpre_init="geometric_median")),
+                "resampling": (base[0], replace(base[1], resample_every=6, resample_until=0.9))}
+    assert variants["recommended"][0].hidden_size == 750  # the recipe's cap: 3000 rows / 4
     dead = {}
-    for name, tied, tc in (("paper", True, {}),
-                           ("remedies", False, dict(bpre_init="geometric_median", encoder_init="data"))):
+    for name, (mcfg, tcfg) in variants.items():
         torch.manual_seed(0)
-        m = CSR(CSRConfig(input_dim=784, hidden_size=1024, topk=8, auxk=128, tied=tied))
-        train(m, TrainData(x), TrainConfig(batch_size=500, epochs=4, cl="self", **tc), tmp_path / name,
-              progress=False)
+        m = CSR(mcfg)
+        summary = train(m, TrainData(x), tcfg, tmp_path / name, progress=False)
+        assert summary["steps"] == 24
         dead[name] = dead_fraction(encode_array(m, x, 8, progress=False))
-    assert dead["remedies"] < dead["paper"] / 2 and dead["paper"] > 0.5, dead
+    assert dead["paper"] > 0.5, dead
+    assert dead["recommended"] < dead["paper"] / 4, dead
+    assert dead["geometric median"] < dead["paper"] and dead["resampling"] < dead["paper"], dead
+
+
+def test_recipe_adapts_to_the_sign_and_number_of_training_rows():
+    """Non-negative rows get the centring / untied branch, signed rows the paper's with no contrastive term; the
+    hidden size is capped at one unit per 4 rows unless --hidden-size was given; `paper` changes nothing."""
+    from csr.train import apply_recipe
+    rng = np.random.default_rng(0)
+    mcfg, tcfg = CSRConfig(input_dim=384, hidden_size=1536, topk=8), TrainConfig()
+    signed = rng.normal(size=(1600, 384)).astype(np.float32)
+    nonneg = np.abs(signed)
+    m, t = apply_recipe("recommended", mcfg, tcfg, nonneg)
+    assert m.hidden_size == 400 and not m.tied and t.bpre_init == "geometric_median" and t.cl == "self"
+    assert t.recon_loss == "nmse" and t.resample_every > 0
+    m, t = apply_recipe("recommended", mcfg, tcfg, signed)
+    assert m.hidden_size == 400 and m.tied and t.bpre_init == "zeros" and t.cl == "none" and t.resample_every > 0
+    big = np.abs(rng.normal(size=(60000, 8)).astype(np.float32))
+    assert apply_recipe("recommended", mcfg, tcfg, big)[0].hidden_size == 1536  # 4·d is already below rows / 4
+    assert apply_recipe("recommended", mcfg, tcfg, nonneg, hidden_fixed=True)[0].hidden_size == 1536
+    assert apply_recipe("paper", mcfg, tcfg, signed) == (mcfg, tcfg)
+    m, t = apply_recipe("recommended+labels", mcfg, tcfg, signed[:100])
+    assert m.hidden_size == 32 and t.cl == "label" and t.cl_coef == 1.0  # at least 4·k units
 
 
 def test_resampled_units_fire_on_the_inputs_they_were_moved_to():

@@ -84,7 +84,8 @@ def test_sweep_writes_consistent_table_json_png_and_reuses_parts(pixels, tmp_pat
                           "csr_rec_k16"}
     rec = parts["csr_rec_k8"]  # the recipe's row trains with the recipe's settings and is shown in the table
     assert rec["row"] == "csr_rec" and rec["model_config"]["tied"] is False
-    assert rec["train_config"]["encoder_init"] == "data" and rec["train_config"]["recon_loss"] == "nmse"
+    assert rec["train_config"]["bpre_init"] == "geometric_median" and rec["train_config"]["recon_loss"] == "nmse"
+    assert rec["train_config"]["resample_every"] == 14 and parts["csr_k8"]["train_config"]["resample_every"] == 0
     assert "CSR (recommended recipe) dead latents (%)" in table
     for key, p in parts.items():  # the table shows exactly the numbers in the JSON
         assert f"{p['top1']:.2f}" in table, key
@@ -109,7 +110,7 @@ def test_sweep_writes_consistent_table_json_png_and_reuses_parts(pixels, tmp_pat
     again = sweep.main(argv + ["--overwrite"])
     assert again == table and csr_part.stat().st_mtime_ns == mtime
     out = capsys.readouterr().out
-    assert recomputed(out) == set() and "reused 22 cached parts" in out  # same flags: everything reused
+    assert recomputed(out) == set() and "reused 20 cached parts" in out  # same flags: everything reused
 
 
 def recomputed(out: str) -> set[str]:
