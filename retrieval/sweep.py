@@ -13,9 +13,11 @@ CUDA is present, --device/--gpu/--amp as in main_visual.py), on one GPU or sever
 For each k in --ks it trains one CSR model (as the paper does) and evaluates exact 1-NN top-1 and mAP@10 with
 the sparse engine; every baseline runs at the same dims: truncation, PCA (fit on train), the MRL adaptor
 (Matryoshka loss on the frozen embeddings: `mrl` with labels, as MRL is trained; `mrl_unsup` without, the
-like-for-like match of CSR's default unsupervised recipe) and the full embedding. `--ablation-k` adds CSR
-variants at one k: contrastive term none/self/label, --recon-loss nmse, and the dead-latent fixes
-(geometric-median b_pre, untied unit-norm decoder); `--ablations` picks some.
+like-for-like match of CSR's default unsupervised recipe) and the full embedding. The main CSR row uses the
+flags (the paper's recipe by default); --recipes adds a row per named recipe at every k (default: recommended
+and recommended+labels). `--ablation-k` adds CSR variants at one k, each one change to the flags' recipe
+(`--ablations` picks some): contrastive term none/self/label, recon=nmse, bpre=geometric_median, untied,
+encoder_init=data, resample, k_anneal=64, and the recipes (a variant equal to a row already trained reuses it).
 Writes results/<name>/{table.md, results.json, accuracy_vs_dims.png}, models under results/<name>/models and
 one JSON per finished part under results/<name>/parts. A re-run reuses a part only when the digest of all it
 depends on matches (data files' path/size/mtime/shape, method and training configs, seed, runtime, the csr/
@@ -45,16 +47,16 @@ from csr.sweep import Sweep, write_report  # noqa: E402
 # variant -> (model config changes, training config changes) or a recipe name, applied to the flags at --ablation-k
 ABLATIONS = {
     "cl=none": ({}, dict(cl="none")),
-    "cl=self (paper)": ({}, dict(cl="self")),
+    "cl=self": ({}, dict(cl="self")),
     "cl=label": ({}, dict(cl="label")),
     "recon=nmse": ({}, dict(recon_loss="nmse")),
-    "b_pre=geometric median": ({}, dict(bpre_init="geometric_median")),
-    "untied decoder": (dict(tied=False), {}),
-    "encoder init=data": ({}, dict(encoder_init="data")),
-    "resampling (--resample-every 14)": ({}, dict(resample_every=14, resample_until=0.9)),
-    "k annealing 64 -> k over 70% of steps": ({}, dict(k_start=64, k_anneal_fraction=0.7)),
-    "recommended (--recipe recommended)": "recommended",
-    "recommended + labels": "recommended+labels",
+    "bpre=geometric_median": ({}, dict(bpre_init="geometric_median")),
+    "untied": (dict(tied=False), {}),
+    "encoder_init=data": ({}, dict(encoder_init="data")),
+    "resample": ({}, dict(resample_every=14, resample_until=0.9)),
+    "k_anneal=64": ({}, dict(k_start=64, k_anneal_fraction=0.7)),
+    "recommended": "recommended",
+    "recommended+labels": "recommended+labels",
 }
 RECIPE_ROWS = {"recommended": "csr_rec", "recommended+labels": "csr_rec_label"}
 
