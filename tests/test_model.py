@@ -387,7 +387,7 @@ def test_recipe_adapts_to_the_sign_and_number_of_training_rows():
     assert m.hidden_size == 400 and not m.tied and t.bpre_init == "geometric_median" and t.cl == "self"
     assert t.recon_loss == "nmse" and t.resample_every > 0
     m, t = apply_recipe("recommended", mcfg, tcfg, signed)
-    assert m.hidden_size == 400 and m.tied and t.bpre_init == "zeros" and t.cl == "none" and t.resample_every > 0
+    assert m.hidden_size == 400 and m.tied and t.bpre_init == "zeros" and t.cl == "none" and t.resample_every == 0
     big = np.abs(rng.normal(size=(60000, 8)).astype(np.float32))
     assert apply_recipe("recommended", mcfg, tcfg, big)[0].hidden_size == 1536  # 4·d is already below rows / 4
     assert apply_recipe("recommended", mcfg, tcfg, nonneg, hidden_fixed=True)[0].hidden_size == 1536
