@@ -220,10 +220,10 @@ def cmd_demo(args: argparse.Namespace) -> dict:
         for tag, change in demo_variants(args):
             for k in args.dims:
                 targs = argparse.Namespace(**{**vars(args), "topk": k, "resume": False, **change})
-                out = Path(args.runs) / name / f"{tag}_k{k}"
-                print(f"--- {name}: CSR {' '.join(f'--{a} {v}' for a, v in change.items())} k={k} -> {out}")
-                train_from_args(targs, str(emb_dir / "train_emb.npy"), str(out))
-                runs.setdefault(f"csr_{tag}", {})[k] = str(out / "csr.pt")
+                run_dir = Path(args.runs) / name / f"{tag}_k{k}"  # not `out`: that is where the report goes
+                print(f"--- {name}: CSR {' '.join(f'--{a} {v}' for a, v in change.items())} k={k} -> {run_dir}")
+                train_from_args(targs, str(emb_dir / "train_emb.npy"), str(run_dir))
+                runs.setdefault(f"csr_{tag}", {})[k] = str(run_dir / "csr.pt")
         t2 = time.time()
         res = evaluate_folder(str(emb_dir), runs, tuple(args.dims), knn_k=args.knn_k)  # eval's default seed
         n = sum(s["n"] for s in sides.values())
