@@ -28,7 +28,7 @@ import argparse
 import time
 from pathlib import Path
 
-from csr.cli import ArgumentParser, add_train_args, bool_flag, positive_int, run, train_from_args
+from csr.cli import RECIPE_ROWS, ArgumentParser, add_train_args, bool_flag, positive_int, run, train_from_args
 from csr.io import CSRError
 
 DIMS = (8, 16, 32, 64)
@@ -171,7 +171,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--unsupervised-cl", default="none", choices=["none", "self", "off"],
                    help="also train CSR WITHOUT labels (this --cl, reported as csr_<cl>) for a fair comparison "
                         "with the unsupervised baselines; off: skip")
-    d.add_argument("--recipes", nargs="+", default=[], choices=["recommended", "recommended+labels"],
+    d.add_argument("--recipes", nargs="+", default=[], choices=list(RECIPE_ROWS),
                    help="also train CSR with these named recipes at every k (csr_rec: no labels, "
                         "csr_rec_label: with labels), on top of the demo's flags")
     d.add_argument("--threads", type=int, default=0,
@@ -181,16 +181,13 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(batch_size=256, epochs=20)
 
 
-RECIPE_TAGS = {"recommended": "rec", "recommended+labels": "rec_label"}
-
-
 def demo_variants(args: argparse.Namespace) -> list[tuple[str, dict]]:
     """(run tag, flag changes) of each CSR the demo trains per k: the flags' --cl, the label-free --cl, recipes."""
     cls = [args.cl if args.use_CL else "none"]
     if args.unsupervised_cl != "off" and args.unsupervised_cl not in cls:
         cls.append(args.unsupervised_cl)
     out = [(cl, {"cl": cl, "use_CL": cl != "none"}) for cl in cls]
-    return out + [(RECIPE_TAGS[r], {"recipe": r}) for r in args.recipes]
+    return out + [(RECIPE_ROWS[r].removeprefix("csr_"), {"recipe": r}) for r in args.recipes]
 
 
 def cmd_demo(args: argparse.Namespace) -> dict:

@@ -85,6 +85,10 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         sys.exit(130)
 
 
+# the named recipes (csr.train.RECIPES) besides "paper", and the result row each gets in the sweep / text demo
+RECIPE_ROWS = {"recommended": "csr_rec", "recommended+labels": "csr_rec_label"}
+
+
 def unit_interval(s: str) -> float:
     """A number in [0, 1] (a share of the training steps)."""
     v = fraction(s)
@@ -119,7 +123,7 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
                         "forward calls, 3 per step)")
     bool_flag(m, "--tied", default=True, help="decoder = encoder^T (reference); False: untied unit-norm decoder")
     bool_flag(m, "--normalize", default=False, help="standardise each input (sentence-transformers' option)")
-    m.add_argument("--recipe", default="paper", choices=["paper", "recommended", "recommended+labels"],
+    m.add_argument("--recipe", default="paper", choices=["paper", *RECIPE_ROWS],
                    help="paper (default: the paper's recipe) or recommended = --bpre-init geometric_median "
                         "--encoder-init data --tied False --recon-loss nmse (+labels: --cl label); applied on top "
                         "of the other flags")

@@ -83,9 +83,9 @@ def resample_dead_units(model: CSR, opt: torch.optim.Optimizer, x: torch.Tensor,
     j moved to input i gets the residual's direction r_i as decoder row (untied) and as encoder direction,
     scaled so that its pre-activation on x_i is 1.1x the k-th largest one there: it then enters x_i's top-k
     code and reduces exactly the error that input has. With a tied decoder the row is also the decoder's, so its
-    norm is capped at the longest live row's (an uncapped row made text training diverge). Adam's moments of the moved rows are reset (stale
-    moments would throw the new row away at the next step) and their idle counters restart. Under DDP every
-    rank takes rank 0's new rows. Returns (moved units, the rows of `x` they were moved to).
+    norm is capped at the longest live row's (an uncapped row made text training diverge). Adam's moments of the
+    moved rows are reset (stale moments would throw the new row away at the next step) and their idle counters
+    restart. Under DDP every rank takes rank 0's new rows. Returns (moved units, the rows of `x` they were moved to).
     """
     idle = (model.stats_last_nonzero >= min_idle_steps).nonzero().flatten()
     n = min(int(idle.numel()), x.shape[0])

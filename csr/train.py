@@ -74,7 +74,7 @@ class TrainConfig:
 
 # Named recipes, applied on top of the flags; "paper" (the default) changes nothing. A recipe adapts to two
 # measured properties of the training rows, never to a data set's name (choices made on validation splits of the
-# training rows, README "Recipes"):
+# training rows, README "Results"):
 # - non-negative features (post-ReLU CNN embeddings) share a large common mean, which leaves most units dead with
 #   b_pre = 0 (DESIGN.md): centre with the geometric median, untie the decoder (unit-norm rows, parallel gradient
 #   removed), reconstruction loss normalised by Var(x), self-contrastive term;

@@ -37,11 +37,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from csr import distributed  # noqa: E402
 from csr.baselines import MRLConfig  # noqa: E402
-from csr.cli import ArgumentParser, add_train_args, bool_flag, configs_from_args, nonneg_int, positive_int, run  # noqa: E402
+from csr.cli import RECIPE_ROWS, ArgumentParser, add_train_args, bool_flag, configs_from_args, nonneg_int, positive_int, run  # noqa: E402
 from csr.io import (CSRError, check_dims, check_output, check_same_width, labels_path_for,  # noqa: E402
                     load_embeddings, load_labels, read_sidecar)
 from csr.provenance import file_identity  # noqa: E402
-from csr.train import apply_recipe  # noqa: E402
+from csr.train import RESAMPLE, apply_recipe  # noqa: E402
 from csr.sweep import Sweep, write_report  # noqa: E402
 
 # variant -> (model config changes, training config changes) or a recipe name, applied to the flags at --ablation-k
@@ -53,12 +53,11 @@ ABLATIONS = {
     "bpre=geometric_median": ({}, dict(bpre_init="geometric_median")),
     "untied": (dict(tied=False), {}),
     "encoder_init=data": ({}, dict(encoder_init="data")),
-    "resample": ({}, dict(resample_every=14, resample_until=0.9)),
+    "resample": ({}, RESAMPLE),
     "k_anneal=64": ({}, dict(k_start=64, k_anneal_fraction=0.7)),
     "recommended": "recommended",
     "recommended+labels": "recommended+labels",
 }
-RECIPE_ROWS = {"recommended": "csr_rec", "recommended+labels": "csr_rec_label"}
 
 
 def build_parser() -> argparse.ArgumentParser:

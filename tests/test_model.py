@@ -392,6 +392,9 @@ def test_recipe_adapts_to_the_sign_and_number_of_training_rows():
     assert apply_recipe("recommended", mcfg, tcfg, big)[0].hidden_size == 1536  # 4·d is already below rows / 4
     assert apply_recipe("recommended", mcfg, tcfg, nonneg, hidden_fixed=True)[0].hidden_size == 1536
     assert apply_recipe("paper", mcfg, tcfg, signed) == (mcfg, tcfg)
+    from csr.cli import RECIPE_ROWS
+    from csr.train import RECIPES
+    assert set(RECIPES) == {"paper", *RECIPE_ROWS}  # every recipe has a result row in the sweep / text demo
     m, t = apply_recipe("recommended+labels", mcfg, tcfg, signed[:100])
     assert m.hidden_size == 32 and t.cl == "label" and t.cl_coef == 1.0  # at least 4·k units
 
