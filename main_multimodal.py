@@ -182,14 +182,16 @@ def build_fixtures_parser() -> argparse.ArgumentParser:
 def train_main(args: argparse.Namespace) -> dict:
     import torch
 
+    from csr import clip as clip_
     from csr import distributed
     from csr import multimodal as mm
+    from csr import webdata as wd
     from csr.checkpoint import clear_run_dir, prepare_run_dir
     from csr.model import CSR, CSRConfig
     from csr.train import TrainConfig
 
-    shards = mm.expand_shards(args.train_data)
-    mm.check_shard(shards[0])
+    shards = wd.expand_shards(args.train_data)
+    wd.check_shard(shards[0])
     ckpt_dir = Path(args.out or f"runs/csr_{Path(args.model).stem}_k{args.csr_topk}_h{args.csr_hidden_size}")
     resume = args.resume
     if resume == "latest":
@@ -197,7 +199,7 @@ def train_main(args: argparse.Namespace) -> dict:
     prepare_run_dir(ckpt_dir, args.overwrite, resume)
     rt = distributed.setup(True, args.device)  # DDP exactly when torchrun starts several processes
     try:
-        clip = mm.load_clip(args.model, args.pretrained, rt.device, args.precision, args.force_quick_gelu, args.seed)
+        clip = clip_.load_clip(args.model, args.pretrained, rt.device, args.precision, args.force_quick_gelu, args.seed)
         if args.csr_input_dim is not None and args.csr_input_dim != clip.embed_dim:
             raise CSRError(f"--csr-input-dim {args.csr_input_dim} does not match the embedding width "
                            f"{clip.embed_dim} of {clip.name}")
@@ -215,17 +217,17 @@ def train_main(args: argparse.Namespace) -> dict:
         logit_scale = args.csr_logit_scale or clip.logit_scale
         global_batch = args.batch_size * rt.world_size
         if args.feature_cache:
-            img, txt = mm.build_feature_cache(args.feature_cache, clip, shards, args.train_data, args.batch_size,
+            img, txt = wd.build_feature_cache(args.feature_cache, clip, shards, args.train_data, args.batch_size,
                                               args.workers, args.train_num_samples, rt, args.progress)
             if len(img) < global_batch:
                 raise CSRError(f"--feature-cache holds {len(img)} pairs, fewer than one global batch of {global_batch}")
             source = mm.CachedFeatures(img, txt, global_batch, args.seed, rt)
             data_desc = f"feature cache {args.feature_cache} ({len(img)} pairs)"
         else:
-            mm.check_readers(len(shards), rt.world_size, args.workers, args.dataset_resampled)
-            n = args.train_num_samples or mm.count_pairs(shards)
+            wd.check_readers(len(shards), rt.world_size, args.workers, args.dataset_resampled)
+            n = args.train_num_samples or wd.count_pairs(shards)
             batches = max(1, -(-n // global_batch))
-            stream = mm.ShardStream(shards, clip.preprocess, clip.tokenizer, args.batch_size, rt.rank,
+            stream = wd.ShardStream(shards, clip.preprocess, clip.tokenizer, args.batch_size, rt.rank,
                                     rt.world_size, batches_per_worker=-(-batches // max(1, args.workers)),
                                     shuffle=True, resampled=args.dataset_resampled, buffer=args.shuffle_buffer,
                                     seed=args.seed)
@@ -263,7 +265,8 @@ def train_main(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------- eval
 
 def eval_main(args: argparse.Namespace) -> dict:
-    from csr import multimodal as mm
+    from csr import clip as clip_
+    from csr import zeroshot as zs
     from csr.checkpoint import check_input_dim, load_model
     from csr.distributed import pick_device
     from csr.io import atomic_write_json, check_output, code_version, command_line
@@ -276,22 +279,22 @@ def eval_main(args: argparse.Namespace) -> dict:
     model = ckpt = None
     if args.csr:  # read the checkpoint first: a wrong file fails before any embedding work
         model, ckpt = load_model(args.csr_ckpt, device, unfinished="warn")  # epoch_E.pt may be evaluated
-    ds = mm.load_caption_set(args.dataset, args.dataset_root, args.annotation, args.split)
-    clip = mm.load_clip(args.model, args.pretrained, device, args.precision, args.force_quick_gelu, args.seed)
+    ds = zs.load_caption_set(args.dataset, args.dataset_root, args.annotation, args.split)
+    clip = clip_.load_clip(args.model, args.pretrained, device, args.precision, args.force_quick_gelu, args.seed)
     if model is not None:
         check_input_dim(model, clip.embed_dim, f"--csr_ckpt {args.csr_ckpt} with CLIP {clip.name}")
         trained = (ckpt.get("clip") or {}).get("model")
         if trained and trained != clip.name:
             warn(f"{args.csr_ckpt} was trained on {trained} features, evaluating with {clip.name}")
     t0 = time.time()
-    img = mm.embed_images(clip, ds.image_paths, args.batch_size, args.workers)
-    txt = mm.embed_texts(clip, ds.captions, args.batch_size)
+    img = clip_.embed_images(clip, ds.image_paths, args.batch_size, args.workers)
+    txt = clip_.embed_texts(clip, ds.captions, args.batch_size)
     t_embed = time.time() - t0
     topks = (args.topk or [model.cfg.topk]) if model is not None else []
     for k in topks:
         if k > model.cfg.hidden_size:
             raise CSRError(f"--topk {k} is larger than the checkpoint's hidden_size {model.cfg.hidden_size}")
-    rows = mm.zero_shot_retrieval(img, txt, ds.text_to_image, args.recall_k, model, topks, device)
+    rows = zs.zero_shot_retrieval(img, txt, ds.text_to_image, args.recall_k, model, topks, device)
     result = {"dataset": args.dataset, "task": args.task, "model": clip.name, "pretrained": clip.pretrained,
               "csr": bool(args.csr), "csr_ckpt": args.csr_ckpt, "annotation": ds.annotation,
               "n_images": ds.n_images, "n_captions": len(ds.captions), "recall_k": args.recall_k,

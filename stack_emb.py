@@ -1,6 +1,6 @@
 """Merge embedding shards (pretrained_embeddings.py --shard-size) into one `{split}_emb.npy` + labels + sidecar.
 
-    .venv/bin/python stack_emb.py --shard_dir .cache/emb/fmnist_lite0_112/train_shards
+    .venv/bin/python stack_emb.py --shard_dir .cache/fmnist/emb/train_shards   # after pretrained_embeddings.py --shard-size
     python stack_emb.py --shard_dir embeddings/imagenet_resnet50d/train_shards \
         --out embeddings/imagenet_resnet50d/train_emb.npy
 

@@ -46,7 +46,7 @@ def _draw(a: dict, skew: str, k: int):
 
 def _ours(a: dict, skew: str, k: int, out: str) -> dict:
     """Child process: our engine (normalise + build + search)."""
-    from csr.sparse_knn import _query_work, build_index, normalized_rows
+    from csr.sparse_knn import build_index, normalized_rows, query_work
     q, db = _draw(a, skew, k)
     warm = build_index(type(db)(db.indices[:5000], db.values[:5000], db.hidden_size), hot_fraction=0.01)
     for tiled in (0.0, np.inf):  # compile (or load from numba's cache) both paths before timing
@@ -61,7 +61,7 @@ def _ours(a: dict, skew: str, k: int, out: str) -> dict:
     np.save(out + ".idx.npy", ind)
     np.save(out + ".score.npy", sc)
     qi, _, ql = normalized_rows(q)
-    n_hot, n_post = _query_work(qi, ql, index.hot_pos, index.ptr)
+    n_hot, n_post = query_work(qi, ql, index.hot_pos, index.ptr)
     return dict(seconds=seconds, cpu_seconds=cpu_seconds, build_seconds=t_build, peak_rss=_peak_rss(), index_bytes=index.nbytes,
                 n_hot_units=int(index.hot_units.size), hot_rows_per_query=float(n_hot.mean()),
                 cold_postings_per_query=float(n_post.mean()), queries_with_hot_units=float((n_hot > 0).mean()))

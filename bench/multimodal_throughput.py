@@ -7,22 +7,25 @@ CPU smoke run (tiny CLIP):
     python bench/multimodal_throughput.py --fixtures .cache/mm --model .cache/mm/tiny-clip.json \
         --batch-size 64 --train-num-samples 256 --csr-hidden-size 128 --csr-topk 8 --csr-auxk 32 --workers 1
 
-Three runs of `main_multimodal.py` training: online features with --precision fp32 (the baseline), online with
---precision amp, and training from a feature cache (extracted once with AMP). Each reports the samples/s of
-its LAST epoch (workers and CUDA warmed up); the summary prints the ratios.
+Three runs of the `main_multimodal.py` command a user types (a subprocess each): online features with
+--precision fp32 (the baseline), online with --precision amp, and training from a feature cache (extracted once
+with AMP). Each reports the samples/s of its LAST epoch from the run's log.jsonl (workers and CUDA warmed up);
+the summary prints the ratios.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import main_multimodal  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 from csr.cli import run  # noqa: E402
+from csr.io import CSRError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +58,10 @@ def main(argv=None) -> dict:
         for name, extra in (("online_fp32", ["--precision", "fp32"]), ("online_amp", ["--precision", "amp"]),
                             ("cached_amp", ["--precision", "amp", "--feature-cache", f"{tmp}/cache"])):
             t0 = time.time()
-            s = main_multimodal.main(common + extra + ["--out", f"{tmp}/{name}"])
+            cmd = [sys.executable, str(ROOT / "main_multimodal.py"), *common, *extra, "--out", f"{tmp}/{name}"]
+            if subprocess.run(cmd, cwd=ROOT).returncode:
+                raise CSRError(f"{name}: main_multimodal.py failed: {' '.join(cmd)}")
+            s = json.loads((Path(tmp) / name / "log.jsonl").read_text().splitlines()[-1])
             out[name] = s["samples_per_s"]
             print(f"{name}: {s['samples_per_s']:.1f} samples/s (last epoch; run {time.time() - t0:.1f}s incl. "
                   f"start-up{', feature extraction' if 'cached' in name else ''})", flush=True)

@@ -29,7 +29,8 @@ from csr.io import load_embeddings, load_labels  # noqa: E402
 from csr.model import CSR  # noqa: E402
 from csr.sweep import evaluate  # noqa: E402
 from csr.text_eval import View, knn_accuracy, v_measure  # noqa: E402
-from csr.train import RECIPES, TrainData, apply_recipe, train  # noqa: E402
+from csr.recipes import RECIPES, apply_recipe  # noqa: E402
+from csr.train import TrainData, train  # noqa: E402
 
 
 def val_split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):

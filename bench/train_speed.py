@@ -135,9 +135,9 @@ def main(argv=None) -> float:
     ref.train()
     epoch = 0
     while len(ref_times) < args.steps:
-        for x, _, _ in Batches(TrainData(xtr), cfg, Runtime()).epoch(epoch):
+        for batch in Batches(TrainData(xtr), cfg, Runtime()).epoch(epoch):
             t0 = time.perf_counter()
-            reference_step(ref, opt, x, k, cfg)
+            reference_step(ref, opt, batch.x, k, cfg)
             ref_times.append(time.perf_counter() - t0)
             print(f"  reference step {len(ref_times)}/{args.steps}: {ref_times[-1]:.2f}s", flush=True)
             if len(ref_times) == args.steps:

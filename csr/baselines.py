@@ -1,5 +1,7 @@
 """Baselines on the same frozen embeddings, each giving dense vectors that the same kNN evaluation reads:
 full-dimensional, truncation to the first d dims, PCA to d dims (fit on the train split), and an MRL adaptor.
+The one implementation of truncation and PCA for every table: the image sweep (`csr/sweep.py`) and the text
+evaluation (`csr/text_eval.py`) both use them.
 
 The MRL adaptor is a linear map (or a small MLP) trained on the frozen embeddings with the Matryoshka loss:
 for every nested prefix d in {8, 16, ..., D} one objective on z[:, :d], summed. Supervised (as MRL): a
@@ -22,6 +24,7 @@ from csr.io import CSRError, read_rows
 
 
 def truncate(x: np.ndarray, d: int) -> np.ndarray:
+    """The first d dims as contiguous float32 (not re-normalised)."""
     if d > x.shape[1]:
         raise CSRError(f"cannot truncate {x.shape[1]}-d embeddings to {d} dims")
     return np.ascontiguousarray(x[:, :d], dtype=np.float32)
@@ -61,6 +64,7 @@ class PCA:
         return self
 
     def transform(self, x: np.ndarray, d: int, batch: int = 65536) -> np.ndarray:
+        """`x` centred and projected on the first d components, float32, in row batches."""
         if d > self.components.shape[1]:
             raise CSRError(f"PCA was fit with {self.components.shape[1]} components, asked for {d}")
         out = np.empty((len(x), d), dtype=np.float32)

@@ -1,4 +1,12 @@
-"""Small helpers shared by the stage scripts: boolean flags as the paper writes them, one-line errors."""
+"""The one library module that knows argparse: what the stage scripts share for flags and parsing.
+
+It holds boolean flags as the paper writes them (`--use_CL True`), typed flag values, the CSR training flags
+(`add_train_args`) and their mapping to configs, and the one-line errors of every script: `ArgumentParser`
+for a bad flag, `run` for a `CSRError` (`error: ...` on stderr, exit code 2). Every other module of `csr/`
+is free of argparse and print(): it takes plain arguments and returns values (progress lines through
+`csr.io.info`, warnings through `csr.io.warn`); the scripts parse flags, call the library and print what it
+returned.
+"""
 from __future__ import annotations
 
 import argparse
@@ -85,7 +93,7 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         sys.exit(130)
 
 
-# the named recipes (csr.train.RECIPES) besides "paper", and the result row each gets in the sweep / text demo
+# the named recipes (csr.recipes.RECIPES) besides "paper", and the result row each gets in the sweep / text demo
 RECIPE_ROWS = {"recommended": "csr_rec", "recommended+labels": "csr_rec_label"}
 
 
@@ -204,7 +212,7 @@ def configs_from_args(args: argparse.Namespace, input_dim: int, x=None):
                             resample_every=args.resample_every, resample_until=args.resample_until, seed=args.seed, amp=args.amp,
                             max_steps=args.max_steps, keep_epochs=args.keep_epochs)
     if getattr(args, "recipe", "paper") != "paper":
-        from csr.train import apply_recipe
+        from csr.recipes import apply_recipe
         model_cfg, train_cfg = apply_recipe(args.recipe, model_cfg, train_cfg, x, args.hidden_size is not None)
     return model_cfg, train_cfg
 

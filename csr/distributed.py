@@ -81,3 +81,21 @@ def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def gather_rows(x: torch.Tensor, grad: bool = False) -> tuple[torch.Tensor, int]:
+    """The rows of `x` of every rank concatenated in rank order, and this rank's row offset in them (`x`, 0
+    without DDP). With `grad`, the gather is differentiable: backward sums each rank's gradient into its rows."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    if grad:
+        import warnings
+
+        import torch.distributed.nn.functional as dnn
+        with warnings.catch_warnings():  # deprecated in favour of a private API
+            warnings.simplefilter("ignore", FutureWarning)
+            parts = list(dnn.all_gather(x))
+    else:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+    return torch.cat(parts, 0), dist.get_rank() * x.shape[0]

@@ -26,7 +26,7 @@ import torch
 from csr.backbones import Backbone
 from csr.distributed import barrier
 from csr.io import (CSRError, NpyWriter, atomic_path, atomic_save_npy, atomic_write_json, check_file, check_output,
-                    labels_path_for, load_embeddings, load_labels, write_sidecar)
+                    info, labels_path_for, load_embeddings, load_labels, write_sidecar)
 
 SHARD_RE = re.compile(r"^emb_(\d{5,})\.npy$")
 MANIFEST = "manifest.json"
@@ -275,7 +275,7 @@ def _extract_sharded(source, backbone: Backbone, out_dir: Path, split: str, cfg:
     mine = [s for s in range(n_shards) if s % cfg.world_size == cfg.rank and s not in finished]
     todo = [(s * size, min(n, (s + 1) * size), maker(s)) for s in mine]
     if finished and cfg.rank == 0:
-        print(f"{split}: resuming, {len(finished)} of {n_shards} shards already in {sdir}", file=sys.stderr)
+        info(f"{split}: resuming, {len(finished)} of {n_shards} shards already in {sdir}")
     done, _, secs = run_blocks(source, backbone, todo, cfg, split)
     barrier()  # every rank's shards are on disk before anyone reads them all
     skipped = [m for s in range(n_shards) for m in _shard_info(sdir, s)["skipped"]]

@@ -121,7 +121,7 @@ def write_tiny_clip(out: Path, seed: int = 0) -> tuple[Path, Path]:
     import open_clip
     import torch
 
-    from csr.multimodal import TINY_CLIP_CONFIG
+    from csr.clip import TINY_CLIP_CONFIG
     cfg = out / "tiny-clip.json"
     cfg.write_text(json.dumps(TINY_CLIP_CONFIG, indent=1))
     open_clip.add_model_config(cfg)
@@ -146,7 +146,8 @@ def train_tiny_clip(fixtures: str | os.PathLike, steps: int = 300, batch_size: i
     from tqdm import tqdm
 
     from csr.io import atomic_path
-    from csr.multimodal import ShardStream, expand_shards, load_clip, shard_loader
+    from csr.clip import load_clip
+    from csr.webdata import ShardStream, expand_shards, shard_loader
     root = Path(fixtures)
     manifest = json.loads((root / "fixtures.json").read_text())
     clip = load_clip(str(root / "tiny-clip.json"), str(root / "tiny-clip-random.pt"), "cpu", "fp32", seed=seed)

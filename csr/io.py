@@ -24,6 +24,12 @@ class CSRError(Exception):
     """A user-facing error: printed as one line naming the file, flag or shape at fault."""
 
 
+def info(message: str) -> None:
+    """The one way the library reports progress and what it wrote: one line on stdout. Library modules never
+    call print() themselves (only csr/cli.py and the scripts do), so this is the single place to redirect it."""
+    print(message, flush=True)
+
+
 def warn(message: str) -> None:
     """The one way the library reports a legal but suspicious input or a silent change of behaviour:
     one line `warning: ...` on stderr (stdout stays for results)."""
@@ -183,6 +189,17 @@ def write_sidecar(path: str | os.PathLike, **fields: Any) -> Path:
     side = sidecar_path(path)
     atomic_write_json(side, meta)
     return side
+
+
+def read_json(path: Path, flag: str) -> Any:
+    """Parse a JSON file; a missing or malformed file is a one-line CSRError naming `flag` and the path."""
+    if not path.is_file():
+        raise CSRError(f"{flag} {path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CSRError(f"{flag} {path}: not valid JSON ({e})") from None
+
 
 
 def read_sidecar(path: str | os.PathLike) -> dict:

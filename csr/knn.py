@@ -3,13 +3,15 @@
 Backends: `faiss` (dense vectors: raw embeddings, truncations, PCA, or densified codes that fit in RAM),
 `sparse` (codes: the fast engine of csr/sparse_knn.py) and `scipy` (codes: a plain sparse-matmul reference).
 Every backend returns the same `(indices int64 [Nq, K], scores float32 [Nq, K])` for the same inputs.
+Also here, used by every backend and both sparse engines: the input checks (`check_pair`, `check_k`) and the
+exact top-K selection of a dense score block (`topk_lowest_index` on torch tensors, `select_topk` on numpy).
 """
 from __future__ import annotations
 
 import numpy as np
 from tqdm import tqdm
 
-from csr.io import CSRError, SparseCodes, warn
+from csr.io import CSRError, SparseCodes, validate_codes, warn
 
 BACKENDS = ("faiss", "sparse", "scipy")
 
@@ -19,29 +21,62 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
+def require_codes(codes, name: str) -> None:
+    """`codes` must be SparseCodes; `name` ("queries", "database") is what the error calls them."""
+    if not isinstance(codes, SparseCodes):
+        raise CSRError(f"{name} must be SparseCodes, got {type(codes).__name__}")
+
+
+def check_hidden_size(queries: SparseCodes, hidden_size: int) -> None:
+    """Query codes must use the database's `hidden_size` units."""
+    if queries.hidden_size != hidden_size:
+        raise CSRError(f"queries have hidden size {queries.hidden_size} but the database has {hidden_size}")
+
+
+def check_k(K: int, n_db: int) -> None:
+    """K must be an integer in [1, n_db] (the database size)."""
+    if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or not 1 <= K <= n_db:
+        raise CSRError(f"K must be an integer in [1, {n_db}] (the database size), got {K!r}")
+
+
+def check_pair(queries: SparseCodes, hidden_size: int, n_db: int, K: int) -> None:
+    """Validate queries against a database of `n_db` codes over `hidden_size` units, and K."""
+    require_codes(queries, "queries")
+    check_hidden_size(queries, hidden_size)
+    validate_codes(queries.indices, queries.values, queries.hidden_size, "query codes")
+    check_k(K, n_db)
+
+
+def topk_lowest_index(scores, K: int):
+    """Torch top-K along dim 1 with ties broken by lowest column index; returns (indices, scores) best first.
+
+    `torch.topk` picks arbitrary columns among scores tied with the K-th; only rows where such a tie reaches
+    past rank K are redone exactly (all columns above the K-th score, then the lowest tied columns)."""
+    import torch
+    vals, cols = torch.topk(scores, K, dim=1, sorted=False)
+    kth = vals.min(dim=1, keepdim=True).values
+    tied_rows = ((scores >= kth).sum(dim=1) != K).nonzero()[:, 0]
+    if tied_rows.numel():
+        sub, kt = scores[tied_rows], kth[tied_rows]
+        above = sub > kt
+        tie = sub == kt
+        need = K - above.sum(dim=1, keepdim=True)
+        take = above | (tie & (torch.cumsum(tie, dim=1, dtype=torch.int32) <= need))
+        cols[tied_rows] = take.nonzero()[:, 1].view(-1, K)  # row-major: columns ascending within a row
+    cols = torch.sort(cols, dim=1).values
+    vals = scores.gather(1, cols)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return cols.gather(1, order), vals.gather(1, order)
+
+
 def select_topk(scores: np.ndarray, K: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Top-K of each row of a dense score block, sorted by (-score, column); columns shifted by `offset`."""
-    b, n = scores.shape
-    if K >= n:
-        cand = np.broadcast_to(np.arange(n), (b, n))
-    else:
-        part = np.argpartition(-scores, K - 1, axis=1)[:, :K]
-        kth = np.take_along_axis(scores, part, 1).min(axis=1)
-        counts = (scores >= kth[:, None]).sum(1)
-        if (counts == K).all():
-            cand = part
-        else:  # ties at the K-th score: keep every tied column, then cut by lowest index below
-            width = int(counts.max())
-            cand = np.full((b, width), n, dtype=np.int64)
-            for r in range(b):
-                c = np.flatnonzero(scores[r] >= kth[r])
-                cand[r, :len(c)] = c
-    cand = np.sort(cand, axis=1)
-    padded = np.concatenate([scores, np.full((b, 1), -np.inf, dtype=scores.dtype)], axis=1)
-    vals = np.take_along_axis(padded, cand, 1)
-    order = np.argsort(-vals, axis=1, kind="stable")[:, :K]
-    idx = np.take_along_axis(cand, order, 1)
-    return idx.astype(np.int64) + offset, np.take_along_axis(vals, order, 1).astype(np.float32)
+    """Top-K of each row of a dense numpy score block, sorted by (-score, column); columns shifted by `offset`.
+    `topk_lowest_index` on the CPU; a K above the row length returns every column."""
+    import torch
+    if not scores.flags.writeable or min(scores.strides, default=0) < 0:
+        scores = scores.copy()  # torch.from_numpy needs a writable array with non-negative strides
+    idx, vals = topk_lowest_index(torch.from_numpy(scores), min(K, scores.shape[1]))
+    return idx.numpy() + offset, vals.numpy().astype(np.float32)
 
 
 def clip_k(K: int, n_db: int, flag: str = "-K") -> int:
@@ -64,11 +99,6 @@ def slice_bounds(n: int, parts: int, part: int) -> tuple[int, int]:
     return n * part // parts, n * (part + 1) // parts
 
 
-def _check_k(K: int, n_db: int) -> None:
-    if not 1 <= K <= n_db:
-        raise CSRError(f"-k/--K must be in [1, database size {n_db}], got {K}")
-
-
 def dense_search(queries: np.ndarray, database: np.ndarray, K: int, batch_size: int = 1024,
                  progress: bool = True, margin: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-K with FAISS `IndexFlatIP`; ties at the cut are resolved by lowest index.
@@ -78,7 +108,7 @@ def dense_search(queries: np.ndarray, database: np.ndarray, K: int, batch_size: 
     import faiss
     if queries.shape[1] != database.shape[1]:
         raise CSRError(f"queries have d={queries.shape[1]} but the database has d={database.shape[1]}")
-    _check_k(K, database.shape[0])
+    check_k(K, database.shape[0])
     db = l2_normalize(database)
     index = faiss.IndexFlatIP(db.shape[1])
     index.add(db)
@@ -104,8 +134,8 @@ def dense_search(queries: np.ndarray, database: np.ndarray, K: int, batch_size: 
 def scipy_sparse_search(queries: SparseCodes, database: SparseCodes, K: int, batch_size: int = 256,
                         progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Reference exact search for codes: normalised sparse matmul per query block, dense top-K selection."""
-    check_code_pair(queries, database)
-    _check_k(K, database.n)
+    check_hidden_size(queries, database.hidden_size)
+    check_k(K, database.n)
     dbt = database.to_scipy(normalize=True).T.tocsr()
     q = queries.to_scipy(normalize=True)
     out_i = np.empty((queries.n, K), dtype=np.int64)
@@ -114,12 +144,6 @@ def scipy_sparse_search(queries: SparseCodes, database: SparseCodes, K: int, bat
         block = (q[s:s + batch_size] @ dbt).toarray().astype(np.float32)
         out_i[s:s + len(block)], out_s[s:s + len(block)] = select_topk(block, K)
     return out_i, out_s
-
-
-def check_code_pair(queries: SparseCodes, database: SparseCodes) -> None:
-    if queries.hidden_size != database.hidden_size:
-        raise CSRError(f"query codes have hidden_size={queries.hidden_size} but database codes have "
-                       f"{database.hidden_size}")
 
 
 def search(queries, database, K: int, backend: str = "sparse", progress: bool = True, batch_size: int | None = None,
@@ -134,7 +158,7 @@ def search(queries, database, K: int, backend: str = "sparse", progress: bool = 
     kw = {} if batch_size is None else {"batch_size": batch_size}
     if backend == "faiss":
         if codes:
-            check_code_pair(queries, database)
+            check_hidden_size(queries, database.hidden_size)
             need = 4 * database.n * database.hidden_size
             if need > dense_limit_bytes:
                 raise CSRError(f"densified database would need {need / 1e9:.1f} GB; use --backend sparse")
@@ -163,7 +187,7 @@ def distributed_search(queries, database, K: int, backend: str = "sparse", progr
     world, rank = dist.get_world_size(), dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     n = database.n if isinstance(database, SparseCodes) else database.shape[0]
-    _check_k(K, n)
+    check_k(K, n)
     lo, hi = slice_bounds(n, world, rank)
     nq = queries.n if isinstance(queries, SparseCodes) else queries.shape[0]
     codes = isinstance(database, SparseCodes)

@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from csr.distributed import gather_rows
 from csr.io import CSRError
+from csr.model import dense_code
 
 CL_MODES = ("self", "label", "pair", "none")
 
@@ -46,10 +48,6 @@ def nmse(pred: torch.Tensor, target: torch.Tensor, group_reduce: bool = False) -
     return mse(pred, target) / batch_variance(target, group_reduce)
 
 
-def dense_from_sparse(idx: torch.Tensor, vals: torch.Tensor, hidden: int) -> torch.Tensor:
-    return torch.zeros(idx.shape[0], hidden, dtype=vals.dtype, device=vals.device).scatter(1, idx, vals)
-
-
 def normalized_values(vals: torch.Tensor) -> torch.Tensor:
     """L2-normalise codes through their values (units in a row are distinct)."""
     vals = vals.float()
@@ -59,25 +57,16 @@ def normalized_values(vals: torch.Tensor) -> torch.Tensor:
 def sparse_similarity(idx_a: torch.Tensor, u_a: torch.Tensor, idx_b: torch.Tensor, u_b: torch.Tensor,
                       hidden: int) -> torch.Tensor:
     """`[Na, Nb]` inner products of two sparse code sets, differentiable in both value tensors."""
-    dense_b_t = dense_from_sparse(idx_b, u_b, hidden).t().contiguous()  # [hidden, Nb]
+    dense_b_t = dense_code(idx_b, u_b, hidden).t().contiguous()  # [hidden, Nb]
     return F.embedding_bag(idx_a, dense_b_t, per_sample_weights=u_a, mode="sum")
 
 
 def gather_codes(idx: torch.Tensor, u: torch.Tensor, labels: torch.Tensor | None):
-    """All-gather codes (differentiably) and labels across DDP ranks; returns this rank's row offset."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return idx, u, labels, 0
-    import torch.distributed.nn.functional as dnn  # differentiable all_gather (backward sums over ranks)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    all_u = torch.cat(dnn.all_gather(u), 0)
-    all_idx = [torch.empty_like(idx) for _ in range(world)]
-    dist.all_gather(all_idx, idx)
-    all_labels = None
-    if labels is not None:
-        all_labels = [torch.empty_like(labels) for _ in range(world)]
-        dist.all_gather(all_labels, labels)
-        all_labels = torch.cat(all_labels, 0)
-    return torch.cat(all_idx, 0), all_u, all_labels, rank * idx.shape[0]
+    """All-gather codes (values differentiably) and labels across DDP ranks; returns this rank's row offset."""
+    all_u, offset = gather_rows(u, grad=True)
+    all_idx, _ = gather_rows(idx)
+    all_labels = gather_rows(labels)[0] if labels is not None else None
+    return all_idx, all_u, all_labels, offset
 
 
 def self_contrastive(idx: torch.Tensor, vals: torch.Tensor, hidden: int, temperature: float = 0.2) -> torch.Tensor:

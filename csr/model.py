@@ -214,6 +214,6 @@ class CSR(nn.Module):
 
 
 def dense_code(idx: torch.Tensor, values: torch.Tensor, hidden_size: int) -> torch.Tensor:
-    """Scatter a sparse code into a dense `[B, hidden]` tensor (tests, small inputs)."""
+    """Scatter a sparse code into a dense `[B, hidden]` tensor (the contrastive terms densify one side)."""
     z = torch.zeros(idx.shape[0], hidden_size, dtype=values.dtype, device=values.device)
     return z.scatter(1, idx, values)

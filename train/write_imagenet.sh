@@ -3,6 +3,10 @@
 #
 #   IMAGENET_DIR=/data/imagenet WRITE_DIR=/data/ffcv ./write_imagenet.sh 500 0.50 90
 #
+# Built-in data (after prepare_fashion_mnist.py; what `make demo` runs, lossless):
+#
+#   IMAGENET_DIR=.cache/fmnist/images WRITE_DIR=.cache/fmnist/ffcv train/write_imagenet.sh 500 0.50 90 --write_mode raw
+#
 # Arguments: max resolution (px), JPEG compress probability, JPEG quality; anything after them is passed to
 # write_imagenet.py (e.g. --subset 5000 --overwrite). Reads $IMAGENET_DIR/{train,val}/<class>/<image>, writes
 # $WRITE_DIR/{train,val}_<res>_<prob>_<quality>.beton plus a .json sidecar each. Works from train/ or from the

@@ -1,0 +1,58 @@
+"""Named training recipes (`--recipe`): changes to the model and training configs chosen on validation splits
+of the training rows (README "Results"), adapting to measured properties of those rows, never to a data set's
+name."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from csr.io import CSRError
+from csr.train import TrainConfig
+
+# Named recipes, applied on top of the flags; "paper" (the default) changes nothing. A recipe adapts to two
+# measured properties of the training rows, never to a data set's name (choices made on validation splits of the
+# training rows, README "Results"):
+# - non-negative features (post-ReLU CNN embeddings) share a large common mean, which leaves most units dead with
+#   b_pre = 0 (DESIGN.md): centre with the geometric median, untie the decoder (unit-norm rows, parallel gradient
+#   removed), reconstruction loss normalised by Var(x), self-contrastive term;
+# - signed features (sentence embeddings) lost accuracy and cluster quality with those changes and with the
+#   self-contrastive term: keep the paper's centring and tied decoder, no contrastive term;
+# - non-negative rows also get dead units resampled onto badly reconstructed inputs (signed rows barely have any);
+# - both: the default hidden size 4·d is capped
+#   at one unit per ROWS_PER_UNIT training rows (a 1.6k-text corpus with 1536 units gets codes that do not
+#   generalise). "+labels" uses same-class positives with gamma = 1 (0.1 in the paper).
+RESAMPLE = dict(resample_every=14, resample_until=0.9)
+NONNEG = (dict(tied=False), dict(bpre_init="geometric_median", recon_loss="nmse", cl="self", **RESAMPLE))
+SIGNED = ({}, dict(cl="none"))  # no resampling: ~0 units die on text, and with a tied decoder it can diverge
+RECIPES: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
+    "paper": {"nonnegative": ({}, {}), "signed": ({}, {})},
+    "recommended": {"nonnegative": NONNEG, "signed": SIGNED},
+    "recommended+labels": {"nonnegative": (NONNEG[0], {**NONNEG[1], "cl": "label", "cl_coef": 1.0}),
+                           "signed": (SIGNED[0], {**SIGNED[1], "cl": "label", "cl_coef": 1.0})},
+}
+ROWS_PER_UNIT = 4
+
+
+def is_nonnegative(x: np.ndarray, sample: int = 10000, seed: int = 0) -> bool:
+    """Whether the rows are non-negative features (checked on a fixed sample of rows: memmaps stay cheap)."""
+    n = len(x)
+    rows = np.arange(n) if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
+    return bool(np.min(np.asarray(x[rows])) >= 0)
+
+
+def apply_recipe(name: str, model_cfg: Any, train_cfg: TrainConfig, x: np.ndarray | None = None,
+                 hidden_fixed: bool = False) -> tuple[Any, TrainConfig]:
+    """(model config, train config) with recipe `name` applied for training rows `x` (None: non-negative rows,
+    no cap). An explicit --hidden-size (`hidden_fixed`) is kept."""
+    if name not in RECIPES:
+        raise CSRError(f"--recipe must be one of {list(RECIPES)}, got {name!r}")
+    kind = "nonnegative" if x is None or is_nonnegative(x) else "signed"
+    mchange, tchange = RECIPES[name][kind]
+    model_cfg, train_cfg = replace(model_cfg, **mchange), replace(train_cfg, **tchange)
+    if name != "paper" and x is not None and not hidden_fixed:
+        cap = max(len(x) // ROWS_PER_UNIT, 4 * model_cfg.topk)
+        if cap < model_cfg.hidden_size:
+            model_cfg = replace(model_cfg, hidden_size=cap)
+    return model_cfg, train_cfg
