@@ -70,7 +70,7 @@ def _resolve_model_name(model: str) -> str:
     import open_clip
     if model.endswith(".json"):
         path = Path(model)
-        cfg = read_json(path, "--model")
+        cfg = read_json(path, flag="--model")
         if not isinstance(cfg, dict) or not all(key in cfg for key in ("embed_dim", "vision_cfg", "text_cfg")):
             raise CSRError(f"--model {model}: an open_clip config needs embed_dim, vision_cfg and text_cfg")
         open_clip.add_model_config(path)

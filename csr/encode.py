@@ -5,7 +5,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from csr.io import CSRError, SparseCodes, index_dtype
+from csr.codes import SparseCodes, index_dtype
+from csr.io import CSRError
 from csr.model import CSR
 
 

@@ -20,7 +20,7 @@ counterpart there and are refused.
 Folders written here (all atomically: built in a temp dir beside the target, then renamed into place):
 - `export_st_module`: `config.json` + `model.safetensors`, the module layout sentence-transformers saves;
 - `export_sparse_encoder`: a full `SparseEncoder` folder = a local sentence-transformers backbone + the module;
-- `save_pretrained`: `config.json` (ours), `model.safetensors`, `README.md` (model card): exactly what a hub
+- `save_pretrained`: `config.json` (ours), `model.safetensors`, `README.md` (`csr.model_card`): exactly what a hub
   push uploads. `import_folder` reads any of the three back into a CSR checkpoint.
 """
 from __future__ import annotations
@@ -33,9 +33,9 @@ from typing import Any
 import torch
 
 from csr.checkpoint import load_model, save_checkpoint
-from csr.io import CSRError, atomic_dir, code_version, read_sidecar, write_sidecar
-from csr.metrics import markdown_table
+from csr.io import CSRError, atomic_dir, code_version, read_json, read_sidecar, write_sidecar
 from csr.model import CSR, CSRConfig
+from csr.model_card import data_files, model_card
 from csr.text_embed import default_text_backbone
 
 PRETRAINED_FORMAT = "csr-pretrained-v1"
@@ -90,18 +90,6 @@ def _st_module(model: CSR, k: int | None):
 
 # ----------------------------------------------------------------------------- reading folders
 
-def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise CSRError(f"{path}: {what} not found")
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CSRError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, (dict, list)):
-        raise CSRError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
 def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """`model.safetensors` (or `pytorch_model.bin`) of a folder as a dict of CPU tensors."""
     st_path, bin_path = folder / WEIGHTS, folder / LEGACY_WEIGHTS
@@ -148,7 +136,7 @@ def _model_from_weights(cfg: CSRConfig, weights: dict[str, torch.Tensor], path: 
 def read_st_module(folder: str | os.PathLike) -> CSR:
     """A sentence-transformers `SparseAutoEncoder` module folder -> tied `CSR` (exact weights)."""
     folder = Path(folder)
-    conf = _read_json(folder / "config.json", "SparseAutoEncoder config")
+    conf = read_json(folder / "config.json", "SparseAutoEncoder config")
     if not isinstance(conf, dict):
         raise CSRError(f"{folder / 'config.json'}: expected a JSON object")
     cfg = config_from_st(conf, folder / "config.json")
@@ -159,7 +147,7 @@ def read_st_module(folder: str | os.PathLike) -> CSR:
 
 def _st_module_dir(folder: Path) -> Path:
     """The SparseAutoEncoder sub-folder named in a SparseEncoder's `modules.json`."""
-    modules = _read_json(folder / "modules.json", "modules.json")
+    modules = read_json(folder / "modules.json", "modules.json")
     if not isinstance(modules, list):
         raise CSRError(f"{folder / 'modules.json'}: expected a list of modules")
     hits = [m for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith(ST_MODULE_TYPE)]
@@ -178,7 +166,7 @@ def folder_kind(folder: str | os.PathLike) -> str:
         return "encoder"
     if not (folder / "config.json").is_file():
         raise CSRError(f"{folder}: not a CSR, SparseAutoEncoder or SparseEncoder folder (no config.json or modules.json)")
-    conf = _read_json(folder / "config.json", "config.json")
+    conf = read_json(folder / "config.json", "config.json")
     if isinstance(conf, dict) and conf.get("format") == PRETRAINED_FORMAT:
         return "pretrained"
     if isinstance(conf, dict) and set(conf) <= set(ST_CONFIG_KEYS) and "input_dim" in conf:
@@ -214,22 +202,11 @@ def _str_or_none(p: Path | None) -> str | None:
     return None if p is None else str(p)
 
 
-def _data_files(args: dict[str, Any]) -> list[str]:
-    """Embedding files named by a checkpoint's training arguments (`.npy` paths, or a folder's train split)."""
-    out = []
-    for v in args.values():
-        if isinstance(v, str) and v.endswith(".npy"):
-            out.append(v)
-        elif isinstance(v, str) and v and (Path(v) / "train_emb.npy").is_file():
-            out.append(str(Path(v) / "train_emb.npy"))
-    return out
-
-
 def _recorded_backbones(ckpt: dict[str, Any]) -> list[str]:
     """Backbone names or paths recorded in a checkpoint's arguments and its embeddings' sidecars."""
     args = ckpt.get("args") or {}
     found = [v for k, v in args.items() if "backbone" in k or "model" in k]
-    for emb in _data_files(args):
+    for emb in data_files(args):
         side = read_sidecar(emb) if Path(emb).exists() else {}
         found += [side.get(k) for k in ("backbone_path", "backbone", "model_path", "model_name", "model")]
     return [v for v in found if isinstance(v, str) and v]
@@ -301,7 +278,7 @@ def save_pretrained(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, ev
     side = read_sidecar(ckpt_path)
     config = {"format": PRETRAINED_FORMAT, "model_type": "csr", "architectures": ["CSR"], **model.cfg.to_dict(),
               "train_config": ckpt.get("train_config"), "steps": ckpt.get("step"),
-              "training_command": side.get("command"), "data": _data_files(ckpt.get("args") or {}),
+              "training_command": side.get("command"), "data": data_files(ckpt.get("args") or {}),
               "backbone": _str_or_none(recorded_backbone(ckpt)),
               "code_version": ckpt.get("code_version"), "export_code_version": code_version()}
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -316,7 +293,7 @@ def save_pretrained(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, ev
 
 
 def _read_pretrained(folder: Path) -> tuple[CSR, dict[str, Any]]:
-    conf = _read_json(folder / "config.json", "config.json")
+    conf = read_json(folder / "config.json", "config.json")
     if not isinstance(conf, dict) or conf.get("format") != PRETRAINED_FORMAT:
         raise CSRError(f"{folder / 'config.json'}: not a CSR model folder (no '{PRETRAINED_FORMAT}' format)")
     try:
@@ -358,110 +335,3 @@ def import_folder(folder: str | os.PathLike, out_ckpt: str | os.PathLike, overwr
     save_checkpoint(out_ckpt, model, args=args, complete=True, source_config=info["config"])
     write_sidecar(out_ckpt, model_config=model.cfg.to_dict(), **args)
     return {**info, "checkpoint": str(out_ckpt), "model_config": model.cfg.to_dict()}
-
-
-# ----------------------------------------------------------------------------- model card
-
-def eval_markdown(eval_table: Any) -> str:
-    """The evaluation section's table from: markdown text, a `.md`/`.json` path (a metrics JSON from
-    retrieval/compute_metrics.py, a list of row dicts, or {name: value}), a list of such paths (one row per
-    metrics file), a list of row dicts, or a dict of metrics."""
-    if eval_table is None:
-        return ""
-    if isinstance(eval_table, (list, tuple)) and eval_table and all(isinstance(p, (str, Path)) for p in eval_table):
-        parts = [_eval_file(Path(p)) for p in eval_table]
-        rows = [r for p in parts if isinstance(p, list) for r in p]
-        texts = [p for p in parts if isinstance(p, str)]
-        return "\n\n".join(([markdown_table(rows)] if rows else []) + texts)
-    if isinstance(eval_table, Path) or (isinstance(eval_table, str) and "\n" not in eval_table
-                                        and eval_table.endswith((".md", ".json", ".txt"))):
-        part = _eval_file(Path(eval_table))
-        return part if isinstance(part, str) else markdown_table(part)
-    if isinstance(eval_table, str):
-        return eval_table.strip()
-    return markdown_table(_rows(eval_table, "eval table"))
-
-
-def _rows(obj: Any, name: str) -> list[dict]:
-    if isinstance(obj, dict) and isinstance(obj.get("metrics"), dict):
-        return [{"run": name, **obj["metrics"]}]
-    if isinstance(obj, dict) and all(isinstance(v, (int, float)) for v in obj.values()):
-        return [{"run": name, **obj}]
-    if isinstance(obj, dict) and all(isinstance(v, dict) for v in obj.values()):
-        return [{"run": k, **v} for k, v in obj.items()]
-    if isinstance(obj, list) and all(isinstance(r, dict) for r in obj):
-        return list(obj)
-    raise CSRError(f"{name}: cannot read an evaluation table from this JSON (expected metrics, rows or a dict)")
-
-
-def _eval_file(path: Path) -> str | list[dict]:
-    if not path.is_file():
-        raise CSRError(f"{path}: evaluation file not found")
-    if path.suffix == ".json":
-        return _rows(_read_json(path, "evaluation JSON"), path.stem)
-    return path.read_text().strip()
-
-
-def _data_lines(ckpt: dict[str, Any]) -> list[str]:
-    lines = []
-    for f in _data_files(ckpt.get("args") or {}):
-        side = read_sidecar(f) if Path(f).exists() else {}
-        desc = ", ".join(f"{k} {side[k]}" for k in ("backbone", "model_path", "n", "d", "source") if side.get(k) not in (None, ""))
-        lines.append(f"- `{f}`" + (f" ({desc})" if desc else ""))
-    return lines
-
-
-def model_card(cfg: CSRConfig, ckpt: dict[str, Any], ckpt_path: str | os.PathLike, eval_table: Any = None,
-               encoder_backbone: str | None = None, k: int | None = None) -> str:
-    """README.md for a model folder: architecture, training command and data, k, evaluation, usage."""
-    side = read_sidecar(ckpt_path)
-    args, tcfg = ckpt.get("args") or {}, ckpt.get("train_config") or {}
-    k = cfg.topk if k is None else k
-    front = ["---", "tags:", "- csr", "- sparse-autoencoder", "- contrastive-sparse-representation"]
-    if encoder_backbone:
-        front += ["- sparse-encoder", "- sentence-transformers", "library_name: sentence-transformers"]
-    front += ["---", ""]
-    title = "CSR sparse encoder" if encoder_backbone else "CSR model"
-    out = front + [f"# {title}: k = {k} of {cfg.hidden_size} units over {cfg.input_dim}-d embeddings", "",
-                   "Contrastive Sparse Representation (Wen, Wang et al., \"Beyond Matryoshka: Revisiting Sparse "
-                   "Coding for Adaptive Representation\", ICML 2025, arXiv 2503.01776): a top-k sparse autoencoder "
-                   "over frozen embeddings. Codes are `ReLU(TopK_k(W (x - b_pre) + b_lat))`; k can be chosen at "
-                   "inference time.", "", "## Model", "",
-                   markdown_table([{"input_dim": cfg.input_dim, "hidden_size": cfg.hidden_size, "k (training)": cfg.topk,
-                                    "k (default here)": k, "auxk": cfg.auxk, "tied decoder": cfg.tied,
-                                    "input normalisation": cfg.normalize}]), ""]
-    if encoder_backbone:
-        out += [f"A sentence-transformers `SparseEncoder`: the backbone `{encoder_backbone}` (the model whose "
-                "embeddings this CSR was trained on) followed by a `SparseAutoEncoder` module holding these weights. "
-                "`encode` returns sparse `[N, hidden]` tensors; `max_active_dims` sets k.", ""]
-    out += ["## Training", ""]
-    if "imported_from" in args:
-        out += [f"Imported from `{args['imported_from']}` (trained outside this code base).", ""]
-    elif side.get("command"):
-        out += ["```", side["command"], "```", ""]
-    else:
-        out += ["Training command not recorded (no sidecar beside the checkpoint).", ""]
-    data = _data_lines(ckpt)
-    if data:
-        out += ["Data:", "", *data, ""]
-    stats = side.get("final_stats") or {}
-    if "loss_total" in stats:
-        out += [f"Final epoch: loss {stats['loss_total']:.5g}, reconstruction MSE {stats.get('loss_recon_k', float('nan')):.4g}, "
-                f"dead latents {stats.get('dead_fraction', float('nan')):.1%} (not fired in {cfg.dead_threshold} steps).", ""]
-    if tcfg:
-        keys = ("lr", "batch_size", "epochs", "cl", "cl_coef", "temperature", "auxk_coef", "recon_loss", "seed")
-        out += [markdown_table([{key: tcfg[key] for key in keys if key in tcfg} | {"steps": ckpt.get("step")}],
-                               floatfmt="{:g}"), ""]
-    out += ["## Evaluation", "", eval_markdown(eval_table) or "No evaluation table was supplied.", "", "## Usage", ""]
-    if encoder_backbone:
-        out += ["```python", "from sentence_transformers import SparseEncoder", "model = SparseEncoder(\"PATH\")",
-                f"codes = model.encode([\"a sentence\"], max_active_dims={k})  # sparse [N, {cfg.hidden_size}]",
-                "```", ""]
-    else:
-        out += ["```python", "from csr.interop import from_pretrained", "model = from_pretrained(\"PATH\")",
-                f"indices, values = model.encode(embeddings, k={k})  # embeddings: float tensor [N, {cfg.input_dim}]",
-                "```", ""]
-    out += ["## Provenance", "", f"- checkpoint: `{Path(ckpt_path).name}`, trained with code version "
-            f"`{ckpt.get('code_version', 'unknown')}`", f"- exported with code version `{code_version()}`", ""]
-    return "\n".join(out)
-

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from csr.io import CSRError, SparseCodes, validate_codes, warn
+from csr.codes import SparseCodes, validate_codes
+from csr.io import CSRError, warn
 
 BACKENDS = ("faiss", "sparse", "scipy")
 

@@ -14,7 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from csr.io import CSRError, SparseCodes, info, load_codes
+from csr.codes import SparseCodes, load_codes
+from csr.io import CSRError, info
 from csr.knn import check_pair, topk_lowest_index
 
 

@@ -30,7 +30,8 @@ import numpy as np
 from numba import njit
 from tqdm import tqdm
 
-from csr.io import CSRError, SparseCodes, validate_codes
+from csr.codes import SparseCodes, validate_codes
+from csr.io import CSRError
 from csr.knn import check_pair, require_codes, topk_lowest_index
 from csr.sparse_knn_numba import query_work, search_postings, search_tiles
 from csr.sparse_knn_torch import TorchSparseIndex

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 from tqdm import tqdm
 
-from csr.io import SparseCodes, validate_codes
+from csr.codes import SparseCodes, validate_codes
 from csr.knn import check_pair, require_codes, topk_lowest_index
 from csr.sparse_rows import normalized_csr, row_slice
 

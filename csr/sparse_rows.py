@@ -11,7 +11,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from csr.io import SparseCodes
+from csr.codes import SparseCodes
 
 
 @njit(cache=True, nogil=True)

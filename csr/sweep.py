@@ -18,9 +18,10 @@ import numpy as np
 import torch.distributed as dist
 
 from csr.baselines import PCA, MRLConfig, matryoshka_dims, mrl_transform, train_mrl, truncate
+from csr.codes import SparseCodes
 from csr.distributed import Runtime
 from csr.encode import dead_fraction, encode_array
-from csr.io import CSRError, SparseCodes, atomic_write_json, atomic_write_text, info
+from csr.io import CSRError, atomic_write_json, atomic_write_text, info
 from csr.knn import search
 from csr.metrics import markdown_table, retrieval_metrics
 from csr.model import CSR, CSRConfig

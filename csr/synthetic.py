@@ -19,7 +19,8 @@ from functools import lru_cache
 import numpy as np
 from numba import njit, prange
 
-from csr.io import CSRError, SparseCodes, index_dtype
+from csr.codes import SparseCodes, index_dtype
+from csr.io import CSRError
 
 SKEWS = ("uniform", "mild", "authors")
 _HOT_FRACTION = 0.01  # "top 1 % of units ...

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from csr.baselines import PCA, truncate
-from csr.io import CSRError, SparseCodes
+from csr.codes import SparseCodes
+from csr.io import CSRError
 from csr.knn import l2_normalize, search
 
 RETRIEVAL_KS = (10, 100)

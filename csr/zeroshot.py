@@ -73,7 +73,7 @@ def load_caption_set(dataset: str, root: str | Path, annotation: str | None = No
         ann = next((root / f for f in DATASET_FILES[dataset] if (root / f).is_file()), None)
         if ann is None:
             raise CSRError(f"--dataset_root {root}: no captions file ({' or '.join(DATASET_FILES[dataset])})")
-    data = read_json(ann, "--annotation")
+    data = read_json(ann, flag="--annotation")
     items = _parse_annotation(data, split, ann)
     base = next((root / d for d in IMAGE_DIRS[dataset] if (root / d / items[0][0]).is_file()), root)
     missing = [rel for rel, _ in items if not (base / rel).is_file()]

@@ -23,9 +23,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from csr.checkpoint import check_input_dim, load_model  # noqa: E402
 from csr.cli import ArgumentParser, bool_flag, positive_int, run  # noqa: E402
+from csr.codes import save_codes  # noqa: E402
 from csr.distributed import pick_device  # noqa: E402
 from csr.encode import dead_fraction, encode_array  # noqa: E402
-from csr.io import CSRError, check_output, labels_path_for, load_embeddings, load_labels, save_codes  # noqa: E402
+from csr.io import CSRError, check_output, labels_path_for, load_embeddings, load_labels  # noqa: E402
 
 
 def split_name(emb_path: str) -> str:

@@ -16,7 +16,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from csr.cli import ArgumentParser, bool_flag, positive_int, run  # noqa: E402
-from csr.io import (CSRError, atomic_write_json, check_output, load_codes, load_labels, load_neighbors,  # noqa: E402
+from csr.codes import load_codes  # noqa: E402
+from csr.io import (CSRError, atomic_write_json, check_output, load_labels, load_neighbors,  # noqa: E402
                     read_sidecar, warn)
 from csr.metrics import DEFAULT_KS, markdown_table, retrieval_metrics  # noqa: E402
 

@@ -32,8 +32,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from csr import distributed  # noqa: E402
 from csr.cli import ArgumentParser, bool_flag, positive_int, run  # noqa: E402
-from csr.io import (CSRError, SparseCodes, atomic_save_npy, check_dims, check_output, check_same_width,  # noqa: E402
-                    labels_path_for, load_codes, load_embeddings, write_sidecar)
+from csr.codes import SparseCodes, load_codes  # noqa: E402
+from csr.io import (CSRError, atomic_save_npy, check_dims, check_output, check_same_width,  # noqa: E402
+                    labels_path_for, load_embeddings, write_sidecar)
 from csr.knn import BACKENDS, clip_k, distributed_search, search  # noqa: E402
 
 

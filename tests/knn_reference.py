@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from csr.io import SparseCodes
+from csr.codes import SparseCodes
 
 TOL = 2e-5
 

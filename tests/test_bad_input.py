@@ -28,7 +28,7 @@ import main_visual
 import stack_emb
 from csr.checkpoint import load_model, read_checkpoint, save_checkpoint
 from csr.cli import run
-from csr.io import SparseCodes, save_codes
+from csr.codes import SparseCodes, save_codes
 from csr.model import CSR, CSRConfig
 from inference import csr_inference
 from retrieval import compute_metrics, faiss_nn, sweep

@@ -26,7 +26,8 @@ from csr import multimodal as mm
 from csr import webdata as wd
 from csr import zeroshot as zs
 from csr.checkpoint import load_model, save_checkpoint
-from csr.io import CSRError, load_codes
+from csr.codes import load_codes
+from csr.io import CSRError
 from csr.knn import select_topk
 from csr.model import CSR, CSRConfig, dense_code
 from csr.train import TrainConfig

@@ -12,8 +12,9 @@ import torch
 
 import main_visual
 from csr.checkpoint import load_model
+from csr.codes import load_codes
 from csr.fashion_mnist import DEFAULT_SOURCE, load_split
-from csr.io import CSRError, load_codes
+from csr.io import CSRError
 from csr.knn import search
 from csr.metrics import retrieval_metrics
 from csr.model import CSR, CSRConfig

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from csr.baselines import PCA, MRLConfig, train_mrl
-from csr.io import SparseCodes, read_rows, save_codes
+from csr.codes import SparseCodes, save_codes
+from csr.io import read_rows
 from csr.knn import merge_topk, search, select_topk
 from csr.scale import DryRun, Stage, run_stage
 
@@ -103,7 +104,7 @@ def skewed_codes(n, hidden, k, rng):
 
 WORKER = '''
 import sys, numpy as np, torch.distributed as dist
-from csr.io import load_codes
+from csr.codes import load_codes
 from csr.knn import distributed_search
 dist.init_process_group("gloo")
 db, q = load_codes(sys.argv[1]), load_codes(sys.argv[2])

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from csr.io import CSRError, SparseCodes
+from csr.codes import SparseCodes
+from csr.io import CSRError
 from csr.knn import search
 from csr.sparse_knn import build_index, sparse_topk, sparse_topk_torch
 from csr.synthetic import authors_exponent, describe_skew, random_codes

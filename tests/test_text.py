@@ -15,7 +15,8 @@ import main_text
 from csr import text_corpora as C
 from csr import text_embed as T
 from csr import text_eval as E
-from csr.io import CSRError, SparseCodes
+from csr.codes import SparseCodes
+from csr.io import CSRError
 from csr.model import CSR, CSRConfig
 from csr.train import TrainConfig, TrainData, train
 
