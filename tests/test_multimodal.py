@@ -384,3 +384,28 @@ def test_multimodal_step_under_bf16_autocast_matches_fp32():
         assert res[True][0] == pytest.approx(res[False][0], rel=1e-4), cl_on
         for n, g in res[False][1].items():
             assert torch.allclose(res[True][1][n], g, rtol=1e-4, atol=1e-6 * float(g.abs().max())), (cl_on, n)
+
+
+def test_image_text_training_gets_k_annealing_and_resampling_from_the_shared_loop(tmp_path, monkeypatch):
+    """train_multimodal is configuration around csr.train.train: the recipe's k annealing and dead-unit resampling
+    (which the old image-text loop lacked) act on its steps."""
+    import csr.train as T
+    from csr.distributed import Runtime
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(256, 16)).astype(np.float32)
+    txt = (img + 0.1 * rng.normal(size=img.shape)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    ks: list[int] = []
+    real = T.annealed_k
+    monkeypatch.setattr(T, "annealed_k", lambda *a: ks.append(real(*a)) or ks[-1])
+    cfg = TrainConfig(lr=1e-3, batch_size=32, epochs=2, cl="none", cl_coef=1.0, k_start=16, k_anneal_fraction=0.5,
+                      resample_every=2, resample_until=0.9, amp=False)
+    torch.manual_seed(0)
+    model = CSR(CSRConfig(input_dim=16, hidden_size=256, topk=2, auxk=8))
+    source = mm.CachedFeatures(img, txt, cfg.batch_size, 0, Runtime())
+    summary = mm.train_multimodal(model, source, cfg, tmp_path, Runtime(), logit_scale=10.0, progress=False)
+    assert len(ks) == 16 and ks[0] == 16 and ks[-1] == 2 and ks == sorted(ks, reverse=True)
+    log = [json.loads(ln) for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert sum(r["resampled_units"] for r in log) > 0  # most of 256 units idle with k = 2 of 32 pairs
+    assert summary["steps"] == 16 and (tmp_path / "epoch_2.pt").exists()
