@@ -132,8 +132,10 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
     bool_flag(m, "--tied", default=True, help="decoder = encoder^T (reference); False: untied unit-norm decoder")
     bool_flag(m, "--normalize", default=False, help="standardise each input (sentence-transformers' option)")
     m.add_argument("--recipe", default="paper", choices=["paper", *RECIPE_ROWS],
-                   help="paper (default: the paper's recipe) or recommended = --bpre-init geometric_median "
-                        "--encoder-init data --tied False --recon-loss nmse (+labels: --cl label); applied on top "
+                   help="paper (default: the paper's recipe) or recommended, which adapts to the training rows: "
+                        "non-negative -> --bpre-init geometric_median --tied False --recon-loss nmse --cl self "
+                        "--resample-every 14 --resample-until 0.9; signed -> --cl none; both: hidden size capped "
+                        "at one unit per 4 rows (csr/recipes.py). +labels: --cl label --cl_coef 1. Applied on top "
                         "of the other flags")
     m.add_argument("--encoder-init", "--encoder_init", dest="encoder_init", default="random", choices=["random", "data"],
                    help="encoder (and untied decoder) rows: random (reference) or data = centred, unit-norm training "

@@ -39,7 +39,7 @@ class OnlineFeatures:
 
     def __init__(self, clip: FrozenCLIP, stream: ShardStream, workers: int):
         self.clip, self.stream, self.workers = clip, stream, workers
-        self.skipped = 0
+        self.skipped, self.uneven = 0, True  # ranks read different shards: one may run dry first
         per_worker = stream.batches_per_worker or 0
         self.steps_per_epoch = per_worker * max(1, workers)
 

@@ -148,7 +148,8 @@ class BatchSource(Protocol):
     """What `train` consumes: `epoch(e)` yields this rank's `Batch`es of epoch e; `steps_per_epoch` sizes the
     progress bar and the LR schedule. Optional attributes: `rows` (the training rows: b_pre / encoder
     initialisation and the final dead-latent count), `identity` (checked on --resume), `skipped` (samples
-    dropped so far, logged)."""
+    dropped so far, logged), `uneven` (True when DDP ranks may run out of batches at different steps, as
+    streamed shards do: every step then checks that all ranks still have one)."""
     steps_per_epoch: int
 
     def epoch(self, epoch: int) -> Iterator[Batch]: ...
@@ -297,6 +298,7 @@ def train(model: CSR, data: TrainData | BatchSource, cfg: TrainConfig, out_dir: 
         data = Batches(data, cfg, rt)
     source: BatchSource = data
     rows, identity = getattr(source, "rows", None), getattr(source, "identity", None)
+    uneven = rt.distributed and bool(getattr(source, "uneven", False))
     torch.manual_seed(cfg.seed)
     steps_per_epoch = max(1, source.steps_per_epoch)
     total_steps = steps_per_epoch * cfg.epochs
@@ -314,8 +316,9 @@ def train(model: CSR, data: TrainData | BatchSource, cfg: TrainConfig, out_dir: 
     anneal_steps = cfg.k_anneal_steps or int(cfg.k_anneal_fraction * total_steps)
     resample_gen = torch.Generator(device=rt.device).manual_seed(cfg.seed + 1)
     start_epoch, step, log_lines = 0, 0, []
-    last = out_dir / "last.pt" if resume is True or not resume else Path(resume)
-    if resume and (last.exists() or resume is not True):
+    explicit = isinstance(resume, (str, Path)) and bool(resume)  # a checkpoint path must exist; True may not
+    last = Path(resume) if explicit else out_dir / "last.pt"
+    if explicit or (resume and last.exists()):
         ckpt = read_checkpoint(last)
         check_resume(ckpt, last, model.cfg.to_dict(), identity)
         model.load_state_dict(ckpt["state_dict"])
@@ -336,7 +339,8 @@ def train(model: CSR, data: TrainData | BatchSource, cfg: TrainConfig, out_dir: 
             if cfg.encoder_init == "data":
                 init_encoder_from_data(model, rows, cfg.seed)
         elif cfg.bpre_init != "zeros" or cfg.encoder_init != "random":
-            raise CSRError("--bpre-init / --encoder-init from data need the training rows (a feature cache)")
+            raise CSRError("--bpre-init / --encoder-init from data need the training rows, which this batch "
+                           "source does not hold")
         model.stats_last_nonzero.zero_()
 
     net: torch.nn.Module = model
@@ -358,7 +362,7 @@ def train(model: CSR, data: TrainData | BatchSource, cfg: TrainConfig, out_dir: 
             batches = source.epoch(epoch)
             while True:
                 batch = next(batches, None)
-                if rt.distributed:  # every rank stops as soon as one runs out of data (never a hanging all-reduce)
+                if uneven:  # every rank stops as soon as one runs out of data (never a hanging all-reduce)
                     have = torch.tensor([0.0 if batch is None else 1.0], device=rt.device)
                     if float(all_reduce_(have, dist.ReduceOp.MIN)) == 0:
                         break
