@@ -45,8 +45,8 @@ import sys
 import time
 from pathlib import Path
 
-from csr.cli import (ArgumentParser, bool_flag, nonneg_float, nonneg_int, positive_float, positive_int, run,
-                     str2bool)
+from csr.cli import (ArgumentParser, add_precision_arg, bool_flag, nonneg_float, nonneg_int, positive_float,
+                     positive_int, precision_from_args, run, str2bool)
 from csr.io import CSRError, warn
 
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "fp32")
@@ -92,6 +92,7 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="CLIP embedding width (paper: 512 for ViT-B-16); checked against the model")
     m.add_argument("--csr-dead-threshold", type=positive_int, default=30, help="steps without firing before a unit is dead")
     bool_flag(m, "--csr-tied", default=True, help="decoder = encoder^T (reference)")
+    add_precision_arg(m, "--csr-precision", dest="csr_precision")  # --precision is the frozen CLIP's (open_clip)
     c2 = p.add_argument_group("loss")
     c2.add_argument("--csr-cl_coef", "--csr-cl-coef", dest="csr_cl_coef", type=nonneg_float, default=1.0,
                     help="weight gamma of the CLIP-style InfoNCE term (paper, multimodal: 1)")
@@ -205,7 +206,8 @@ def train_main(args: argparse.Namespace) -> dict:
                            f"{clip.embed_dim} of {clip.name}")
         try:
             model_cfg = CSRConfig(input_dim=clip.embed_dim, hidden_size=args.csr_hidden_size, topk=args.csr_topk,
-                                  auxk=args.csr_auxk, dead_threshold=args.csr_dead_threshold, tied=args.csr_tied)
+                                  auxk=args.csr_auxk, dead_threshold=args.csr_dead_threshold, tied=args.csr_tied,
+                                  precision=precision_from_args(args.csr_precision, rt.device.type, rt.is_main))
         except ValueError as e:
             raise CSRError(f"--csr-topk/--csr-hidden-size: {e}") from None
         train_cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size * rt.world_size, epochs=args.epochs,

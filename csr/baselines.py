@@ -134,10 +134,26 @@ class MRLAdaptor(nn.Module):
         z = self(x)
         if self.n_classes is not None:
             return sum(F.cross_entropy(self.logits(z, d), y) for d in self.dims)
-        xn = F.normalize(x, dim=1)
-        target = xn @ xn.T
-        terms = [F.mse_loss(F.normalize(z[:, :d], dim=1) @ F.normalize(z[:, :d], dim=1).T, target) for d in self.dims]
-        return sum(terms) + F.mse_loss(self.decoder(z), x)
+        return similarity_preservation_loss(z, x, self.dims) + F.mse_loss(self.decoder(z), x)
+
+
+def similarity_preservation_loss(z: torch.Tensor, x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """sum over prefixes d of MSE(cos(z[:, :d]) , cos(x)) over all B x B pairs (the label-free Matryoshka loss).
+
+    The prefixes' Gram matrices are nested: G_d = G_d' + z[:, d':d] z[:, d':d]^T, so each column block is
+    multiplied once (B^2 D instead of B^2 sum(d) multiply-adds, forward and backward), and cos = G / (n n^T)
+    with n = max(sqrt(diag G), 1e-12), as `F.normalize` clamps norms."""
+    xn = F.normalize(x, dim=1)
+    target = xn @ xn.T
+    total, gram, prev = z.new_zeros(()), None, 0
+    for d in sorted(dims):
+        block = z[:, prev:d]
+        part = block @ block.T
+        gram = part if gram is None else gram + part
+        n = gram.diagonal().clamp_min(0).sqrt().clamp_min(1e-12)
+        total = total + F.mse_loss(gram / n[:, None] / n[None, :], target)
+        prev = d
+    return total
 
 
 def train_mrl(x: np.ndarray, labels: np.ndarray | None, cfg: MRLConfig, progress: bool = True,

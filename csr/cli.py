@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -116,6 +117,30 @@ def fraction(s: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number or a fraction like 1/32, got {s!r}") from None
 
 
+PRECISION_HELP = ("CSR encoder matmul: fp32 (paper, default), bf16 = bf16 operands with fp32 accumulation for the "
+                  "dense encoder and the selected units' backward (master weights fp32; codes chosen the same way in "
+                  "training and encoding), auto = bf16 where the hardware has it (CUDA, CPU AMX / AVX-512 BF16)")
+
+
+def add_precision_arg(group: argparse._ActionsContainer, *names: str, dest: str = "precision",
+                      default: str | None = "fp32", help: str = PRECISION_HELP) -> None:
+    """The one `--precision fp32|bf16|auto` flag of every trainer, the encoder script and the sweep."""
+    from csr.precision import PRECISIONS
+    group.add_argument(*(names or ("--precision",)), dest=dest, default=default, choices=PRECISIONS, help=help)
+
+
+def precision_from_args(value: str, device: str = "auto", say: bool = True) -> str:
+    """Resolve a `--precision` value for `--device` to fp32 or bf16, printing once which path runs."""
+    import torch
+
+    from csr.precision import resolve_precision
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    chosen, line = resolve_precision(value, torch.device(dev.split(":")[0]))
+    if say and os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
+    return chosen
+
+
 def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "self") -> None:
     """The CSR model / optimisation / contrastive / runtime flags shared by every training script.
 
@@ -185,7 +210,8 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     r.add_argument("--gpu", type=nonneg_int, default=None, help="CUDA device index for a single-process run")
     bool_flag(r, "--use_ddp", "--use-ddp", default=False, help="DistributedDataParallel under torchrun")
-    bool_flag(r, "--amp", default=True, help="bfloat16 autocast on CUDA")
+    bool_flag(r, "--amp", default=True, help="bfloat16 autocast of the loss arithmetic on CUDA")
+    add_precision_arg(r)
     bool_flag(r, "--resume", default=False, help="continue a killed run from OUT/last.pt")
     bool_flag(r, "--overwrite", default=False, help="start over in an existing OUT (its csr.pt, last.pt, log.jsonl are replaced)")
     bool_flag(r, "--keep-epochs", default=False, help="keep a checkpoint of every epoch (OUT/epochNNN.pt)")
@@ -200,7 +226,8 @@ def configs_from_args(args: argparse.Namespace, input_dim: int, x=None):
         raise CSRError(f"--topk {args.topk} is larger than --hidden-size {hidden}")
     try:
         model_cfg = CSRConfig(input_dim=input_dim, hidden_size=hidden, topk=args.topk, auxk=args.auxk,
-                              dead_threshold=args.dead_threshold, tied=args.tied, normalize=args.normalize)
+                              dead_threshold=args.dead_threshold, tied=args.tied, normalize=args.normalize,
+                              precision=precision_from_args(args.precision, args.device))
     except ValueError as e:
         raise CSRError(str(e)) from None
     train_cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,

@@ -5,7 +5,9 @@
 Tied decoder (W_d = W) by default, as the reference; an untied decoder with unit-norm rows (OpenAI TopK SAE
 style) is an option. Training uses ONE encoder pass per step: top-4k is taken once and z_k is its first k.
 Decoding is sparse (`embedding_bag` over the active units), never a dense [B, hidden] product, and the
-encoder's backward only touches the selected units (see `_SelectedLinear`).
+encoder's and decoder's backward only touch the selected units (see `_SparseCode`). The dense encoder matmul
+runs in fp32 or, with `precision="bf16"`, with bf16 operands and fp32 accumulation (csr/precision.py); codes
+are selected by one function (`select_topk`) in training and encoding.
 Parameter names follow sentence-transformers' `SparseAutoEncoder` (pre_bias, encoder, latent_bias).
 """
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from csr.precision import encoder_preactivation, pair_dots, select_topk
 
 
 @dataclass
@@ -28,12 +32,15 @@ class CSRConfig:
     dead_threshold: int = 30  # a unit is dead after this many training STEPS without firing in the top-k
     tied: bool = True  # decoder = encoder^T (reference); False: separate unit-norm decoder rows
     normalize: bool = False  # per-sample standardisation of inputs, undone on decode (sentence-transformers)
+    precision: str = "fp32"  # encoder matmul that selects codes: fp32 (paper) or bf16 (fp32 accumulation)
 
     def __post_init__(self) -> None:
         if self.input_dim < 1 or self.hidden_size < 1:
             raise ValueError(f"input_dim and hidden_size must be >= 1, got {self.input_dim}, {self.hidden_size}")
         if not 1 <= self.topk <= self.hidden_size:
             raise ValueError(f"topk must be in [1, hidden_size={self.hidden_size}], got {self.topk}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16 (auto is resolved before), got {self.precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,39 +51,74 @@ class CSRConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-class _SelectedLinear(torch.autograd.Function):
-    """Values of `(x - pre_bias) @ W^T + b` at the selected (row, unit) pairs, with a sparse backward.
+def units_by_pair_order(idx: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs (b, j) of a `[B, K]` index matrix grouped by unit: `(order, offsets)`, the flat pair ids sorted by
+    unit and each unit's first position in that order (one stable sort on 16/32-bit keys)."""
+    units = idx.reshape(-1)
+    key = units.to(torch.int16 if hidden <= 32767 else torch.int32)
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(units, minlength=hidden)
+    return order, torch.cumsum(counts, 0) - counts
 
-    Forward values come from the dense pre-activation already computed without grad. Backward touches only
-    the B·K selected pairs: grad_W row j = sum over rows b that selected j of g_bj (x_b - pre_bias), computed
-    as one `embedding_bag` over pairs sorted by unit, instead of a dense [hidden, B] x [B, d] GEMM; the
-    biases' gradients follow from the per-unit sums of g. `x` is data (no gradient).
+
+class _SparseCode(torch.autograd.Function):
+    """A selected code and its sparse reconstructions, with the backward of both in one pass over the pairs.
+
+    Forward: `vals = ReLU(pre[b, idx])` (pre-activations computed without grad) and the bias-free decodings
+    `sum_j vals[:, j] W_dec[idx[:, j]]` of the first `split` columns and of the rest.
+    Backward, touching only the B·K selected (row, unit) pairs: the gradient of each value (its own plus
+    `g_rec[b] . W_dec[unit]`), then per unit `grad W_dec[j] = sum_b vals_bj g_rec[b]` and
+    `grad W[j] = sum_b g_bj (x_b - b_pre)`, each an `embedding_bag` over the pairs grouped by unit (tied:
+    added), and the biases' gradients from the per-unit sums of g. With `precision="bf16"` these gathers read
+    bf16 copies of their tables (fp32 accumulation); the forward reconstructions stay fp32.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, pre_bias: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, pre_bias, weight, idx)
-        return values
+    def forward(ctx, xc: torch.Tensor, pre_bias: torch.Tensor, weight: torch.Tensor, latent_bias: torch.Tensor,
+                dec_weight: torch.Tensor | None, idx: torch.Tensor, pre_vals: torch.Tensor, split: int,
+                precision: str = "fp32"):
+        vals = F.relu(pre_vals)
+        w_dec = weight if dec_weight is None else dec_weight
+        first = F.embedding_bag(idx[:, :split], w_dec, per_sample_weights=vals[:, :split], mode="sum")
+        rest = F.embedding_bag(idx[:, split:], w_dec, per_sample_weights=vals[:, split:], mode="sum") \
+            if split < idx.shape[1] else torch.zeros_like(first)
+        ctx.save_for_backward(xc, weight, dec_weight, idx, vals)
+        ctx.split, ctx.precision = split, precision
+        return vals, first, rest
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, pre_bias, weight, idx = ctx.saved_tensors
-        B, K = idx.shape
+    def backward(ctx, g_vals: torch.Tensor, g_first: torch.Tensor, g_rest: torch.Tensor):
+        xc, weight, dec_weight, idx, vals = ctx.saved_tensors
+        split, (B, K) = ctx.split, idx.shape
         hidden = weight.shape[0]
-        g = grad.to(weight.dtype).reshape(-1)
-        units = idx.reshape(-1)
-        per_unit = torch.zeros(hidden, dtype=weight.dtype, device=weight.device).index_add_(0, units, g)
-        grad_w = None
-        if ctx.needs_input_grad[2]:
-            order = torch.argsort(units)
-            counts = torch.bincount(units, minlength=hidden)
-            offsets = torch.cumsum(counts, 0) - counts
-            rows = torch.div(order, K, rounding_mode="floor")
-            grad_w = F.embedding_bag(rows, x.to(weight.dtype), offsets, per_sample_weights=g[order], mode="sum")
-            grad_w = grad_w - per_unit[:, None] * pre_bias.to(weight.dtype)[None, :]
-        grad_pre_bias = -(per_unit @ weight) if ctx.needs_input_grad[1] else None
-        return None, grad_pre_bias, grad_w, per_unit if ctx.needs_input_grad[3] else None, None, None
+        # bf16: the gathers read bf16 tables and accumulate in fp32 (one rounding of each output)
+        low = (lambda t: t.to(torch.bfloat16)) if ctx.precision == "bf16" else (lambda t: t)
+        w_dec = low(weight if dec_weight is None else dec_weight)
+        has_rest = split < K
+        g = g_vals.float().clone(memory_format=torch.contiguous_format)
+        g[:, :split] += pair_dots(low(g_first), w_dec, idx[:, :split]).float()
+        if has_rest:
+            g[:, split:] += pair_dots(low(g_rest), w_dec, idx[:, split:]).float()
+        g = g.masked_fill_(vals <= 0, 0.0)  # ReLU
+        units, g_flat = idx.reshape(-1), g.reshape(-1)
+        per_unit = torch.zeros(hidden, dtype=g.dtype, device=g.device).index_add_(0, units, g_flat)
+        order, offsets = units_by_pair_order(idx, hidden)
+        b = torch.div(order, K, rounding_mode="floor")
+
+        def per_unit_sum(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+            """`[hidden, d]`: row j = sum over unit j's pairs of weight * table[row]."""
+            table = low(table)
+            return F.embedding_bag(rows, table, offsets, per_sample_weights=weights.to(table.dtype), mode="sum").float()
+
+        grad_w = per_unit_sum(xc, b, g_flat[order])  # the encoder's share
+        # the decoder's share reads g_first (columns < split) or g_rest (columns >= split)
+        dec_rows = b + B * (order % K >= split).long() if has_rest else b
+        grad_dec = per_unit_sum(torch.cat([g_first, g_rest]) if has_rest else g_first, dec_rows,
+                                vals.reshape(-1)[order])
+        if dec_weight is None:  # tied: both shares go to the one weight
+            grad_w, grad_dec = grad_w.add_(grad_dec), None
+        grad_pre_bias = -(per_unit @ weight)
+        return None, grad_pre_bias, grad_w, per_unit, grad_dec, None, None, None, None
 
 
 class CSR(nn.Module):
@@ -116,9 +158,18 @@ class CSR(nn.Module):
         std = xc.std(dim=-1, keepdim=True)
         return xc / (std + 1e-5), (mu, std)
 
-    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense `[B, hidden]` pre-activations (x already preprocessed)."""
-        return F.linear(x - self.pre_bias, self.encoder.weight, self.latent_bias)
+    def pre_activation(self, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        """Dense `[B, hidden]` pre-activations (x already preprocessed); bf16 output on CPU in bf16."""
+        return encoder_preactivation(x - self.pre_bias, self.encoder.weight, self.latent_bias, precision)
+
+    def select(self, xc: torch.Tensor, k: int, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(dense pre-activations, top-k values fp32, indices)` of centred inputs `xc`, no grad: the one way codes
+        are chosen (training and encoding). In bf16 the selected values are recomputed exactly in fp32."""
+        pre = encoder_preactivation(xc, self.encoder.weight, self.latent_bias, precision)
+        vals, idx = select_topk(pre, k)
+        if precision != "fp32":
+            vals = pair_dots(xc, self.encoder.weight, idx) + self.latent_bias[idx]
+        return pre, vals, idx
 
     def decode(self, idx: torch.Tensor, values: torch.Tensor,
                info: tuple[torch.Tensor, torch.Tensor] | None = None, bias: bool = True) -> torch.Tensor:
@@ -141,14 +192,15 @@ class CSR(nn.Module):
 
     # ---------------------------------------------------------------- inference
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k code of `x`: `(indices [B, k] long, values [B, k])`, values sorted descending, ReLU applied."""
+    def encode(self, x: torch.Tensor, k: int | None = None, precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k code of `x`: `(indices [B, k] long, values [B, k])`, values sorted descending, ReLU applied.
+        `precision` defaults to the model's (`cfg.precision`, the one it was trained with)."""
         k = self.cfg.topk if k is None else k
         if not 1 <= k <= self.cfg.hidden_size:
             raise ValueError(f"k must be in [1, {self.cfg.hidden_size}], got {k}")
         with torch.autocast(device_type=x.device.type, enabled=False):  # codes never depend on autocast
             xp, _ = self.preprocess(x.float())
-            vals, idx = torch.topk(self.pre_activation(xp), k, dim=-1)
+            _, vals, idx = self.select(xp - self.pre_bias, k, precision or self.cfg.precision)
         return idx, F.relu(vals)
 
     # ---------------------------------------------------------------- training
@@ -181,27 +233,22 @@ class CSR(nn.Module):
         multi_k = min(4 * k if multi_k is None else multi_k, self.cfg.hidden_size)
         auxk = self.cfg.auxk if auxk is None else auxk
         xp, info = self.preprocess(x)
-        xp = xp.detach()  # the inputs are frozen embeddings
+        xc = (xp - self.pre_bias).detach()  # the inputs are frozen embeddings
         with torch.no_grad():
-            pre = F.linear(xp - self.pre_bias, self.encoder.weight, self.latent_bias)
-            top_vals, top_idx = torch.topk(pre, multi_k, dim=-1)
-            n_dead = int(dead.sum()) if dead is not None else 0
-            a = min(auxk, n_dead)
-            if a > 0:
-                aux_vals, aux_idx = torch.topk(pre.masked_fill(~dead, float("-inf")), a, dim=-1)
+            pre, top_vals, top_idx = self.select(xc, multi_k, self.cfg.precision)
+            a = min(auxk, int(dead.sum())) if dead is not None else 0
+            if a > 0:  # overwrites pre (no longer needed); the order of the AuxK units does not matter
+                aux_vals, aux_idx = select_topk(pre, a, exclude=~dead, sorted=False)
         del pre
-        vals = F.relu(_SelectedLinear.apply(xp, self.pre_bias, self.encoder.weight, self.latent_bias, top_idx, top_vals))
+        params = (self.pre_bias, self.encoder.weight, self.latent_bias, self.decoder_weight)
+        prec = self.cfg.precision
+        vals, rec_k_nobias, rec_rest = _SparseCode.apply(xc, *params, top_idx, top_vals, k, prec)
         out = {"idx": top_idx, "vals": vals, "k": torch.tensor(k)}
-        rec_k_nobias = F.embedding_bag(top_idx[:, :k], self.W_dec, per_sample_weights=vals[:, :k], mode="sum")
-        rec_rest = F.embedding_bag(top_idx[:, k:], self.W_dec, per_sample_weights=vals[:, k:], mode="sum") \
-            if multi_k > k else torch.zeros_like(rec_k_nobias)
         out["recon_k"] = self._finish(rec_k_nobias + self.pre_bias, info)
         out["recon_multi"] = self._finish(rec_k_nobias + rec_rest + self.pre_bias, info)
         if a > 0:
-            aux = F.relu(_SelectedLinear.apply(xp, self.pre_bias, self.encoder.weight, self.latent_bias, aux_idx, aux_vals))
-            out["aux_recon"] = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux, mode="sum")
-            if info is not None:
-                out["aux_recon"] = out["aux_recon"] * (info[1] + 1e-5)
+            _, aux_recon, _ = _SparseCode.apply(xc, *params, aux_idx, aux_vals, a, prec)
+            out["aux_recon"] = aux_recon if info is None else aux_recon * (info[1] + 1e-5)
             out["aux_idx"] = aux_idx
         return out
 

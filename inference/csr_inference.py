@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from csr.checkpoint import check_input_dim, load_model  # noqa: E402
-from csr.cli import ArgumentParser, bool_flag, positive_int, run  # noqa: E402
+from csr.cli import ArgumentParser, add_precision_arg, bool_flag, positive_int, precision_from_args, run  # noqa: E402
 from csr.codes import save_codes  # noqa: E402
 from csr.distributed import pick_device  # noqa: E402
 from csr.encode import dead_fraction, encode_array  # noqa: E402
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("runtime")
     r.add_argument("--batch-size", type=positive_int, default=4096, help="rows per encoder batch")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    add_precision_arg(r, default=None, help="encoder matmul that selects the codes: fp32, bf16 or auto (default: the "
+                                            "checkpoint's, the precision it was trained with, so codes are the "
+                                            "training codes)")
     bool_flag(r, "--overwrite", default=False, help="replace existing code files")
     return p
 
@@ -63,6 +66,10 @@ def main(argv=None) -> dict:
         raise CSRError(f"--topk must be in [1, hidden_size={model.cfg.hidden_size}] of {args.csr_ckpt}, got {k}")
     out = Path(args.out) if args.out else Path(args.csr_ckpt).parent / f"codes_k{k}"
     device = pick_device(args.device)
+    if args.precision is not None:
+        model.cfg.precision = precision_from_args(args.precision, device.type)
+    else:
+        print(f"precision: {model.cfg.precision} (the checkpoint's)")
     if args.topk is None:
         print(f"--topk not given: encoding at the trained k = {k}")
     embs = []

@@ -126,7 +126,7 @@ def run_sweep(args, rt, xtr, ytr, xte, yte, name, out, meta, header, model_cfg, 
                                                 ("eval_labels", labels_path_for(args.eval_emb)))}
     if rt.is_main:
         print(f"sweep {name}: ks {args.ks}, methods {args.methods}\n  CSR {model_cfg}\n  {train_cfg}\n"
-              f"  runtime: device {rt.device}, world size {rt.world_size}, amp {train_cfg.amp}")
+              f"  runtime: device {rt.device}, world size {rt.world_size}, amp {train_cfg.amp}, precision {model_cfg.precision}")
     sw = Sweep(out, xtr, ytr, xte, yte, force=args.force, data_id=data_id, rt=rt, progress=rt.is_main)
     parts, stage_seconds = [], {}
 
