@@ -54,21 +54,29 @@ DEMO_DIR := $(CACHE)/$(DEMO_NAME)
 FFCV_TAG := 500_0.50_90
 SWEEP_FLAGS ?= --ks 2 8 32 --ablation-k 0#   9 CSR models (paper, recommended, +labels) as before (4 + 5 ablation)
 
+# Each stage's wall time is appended to $(STAGE_TIMES) (one "stage seconds" line per run of a stage); `demo`
+# prints them and the total at the end. A stage skipped because its output exists adds no line.
+STAGE_TIMES := $(DEMO_DIR)/stage_times.txt
+timed = @mkdir -p $(DEMO_DIR); t0=$$(date +%s.%N); $(2) && echo "$(1) $$(awk "BEGIN {print $$(date +%s.%N) - $$t0}")" >> $(STAGE_TIMES)
+
 demo: setup $(DEMO_DIR)/emb/val_emb.npy
-	$(PY) retrieval/sweep.py --train-emb $(DEMO_DIR)/emb/train_emb.npy --eval-emb $(DEMO_DIR)/emb/val_emb.npy \
-		--name $(DEMO_NAME) $(SWEEP_FLAGS) --overwrite
+	$(call timed,sweep,$(PY) retrieval/sweep.py --train-emb $(DEMO_DIR)/emb/train_emb.npy --eval-emb $(DEMO_DIR)/emb/val_emb.npy \
+		--name $(DEMO_NAME) $(SWEEP_FLAGS) --overwrite)
+	@echo "make demo: wall time per stage (s), this run's stages and earlier runs' still in $(STAGE_TIMES):"
+	@awk '{t[$$1] = $$2; if (!($$1 in seen)) {order[++n] = $$1; seen[$$1] = 1}} END {for (i = 1; i <= n; i++) \
+		{printf "  %-12s %8.1f\n", order[i], t[order[i]]; s += t[order[i]]} printf "  %-12s %8.1f\n", "total", s}' $(STAGE_TIMES)
 
 $(DEMO_DIR)/images/val:
-	$(PY) prepare_fashion_mnist.py --out $(DEMO_DIR)/images --subset $(SUBSET) --overwrite
+	$(call timed,images,$(PY) prepare_fashion_mnist.py --out $(DEMO_DIR)/images --subset $(SUBSET) --overwrite)
 
 $(DEMO_DIR)/ffcv/val_$(FFCV_TAG).beton: | $(DEMO_DIR)/images/val
-	IMAGENET_DIR=$(DEMO_DIR)/images WRITE_DIR=$(DEMO_DIR)/ffcv PYTHON=$(PY) train/write_imagenet.sh 500 0.50 90 \
-		--write_mode raw --overwrite
+	$(call timed,ffcv,IMAGENET_DIR=$(DEMO_DIR)/images WRITE_DIR=$(DEMO_DIR)/ffcv PYTHON=$(PY) train/write_imagenet.sh 500 0.50 90 \
+		--write_mode raw --overwrite)
 
 $(DEMO_DIR)/emb/val_emb.npy: | $(DEMO_DIR)/ffcv/val_$(FFCV_TAG).beton
-	$(PY) inference/pretrained_embeddings.py --train_data_ffcv $(DEMO_DIR)/ffcv/train_$(FFCV_TAG).beton \
+	$(call timed,embeddings,$(PY) inference/pretrained_embeddings.py --train_data_ffcv $(DEMO_DIR)/ffcv/train_$(FFCV_TAG).beton \
 		--eval_data_ffcv $(DEMO_DIR)/ffcv/val_$(FFCV_TAG).beton --model_name tf_efficientnet_lite0 \
-		--weights efficientnet-lite0 --img-size $(IMG_SIZE) --out $(DEMO_DIR)/emb --overwrite
+		--weights efficientnet-lite0 --img-size $(IMG_SIZE) --out $(DEMO_DIR)/emb --overwrite)
 
 # All 60k/10k (the README table: 5,872 s wall on 2 shared CPU cores, after the embeddings exist).
 # All 60k / 10k: the paper's recipe, the recommended recipe with and without labels, every baseline, and each

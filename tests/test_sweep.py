@@ -129,7 +129,8 @@ def test_sweep_recomputes_exactly_the_parts_a_change_affects(pixels, tmp_path, c
     assert recomputed(capsys.readouterr().out) == set()
     cases = [(["--epochs", "3"], {"csr_k8"}), (["--lr", "1e-3"], {"csr_k8"}), (["--cl", "none"], {"csr_k8"}),
              (["--hidden-size", "128"], {"csr_k8"}), (["--seed", "5"], {"csr_k8", "mrl_unsup_8"}),
-             (["--mrl-epochs", "2"], {"mrl_unsup_8"}), (["--amp", "False"], set())]  # AMP is CUDA-only: no change on CPU
+             (["--mrl-epochs", "2"], {"mrl_unsup_8"}), (["--amp", "False"], set()),  # AMP is CUDA-only: no change on CPU
+             (["--precision", "bf16"], {"csr_k8"})]
     for change, expected in cases:
         argv = data + base + change
         table = sweep.main(argv)
