@@ -233,8 +233,7 @@ def train_main(args: argparse.Namespace) -> dict:
                                     seed=args.seed)
             source = mm.OnlineFeatures(clip, stream, args.workers)
             data_desc = f"{len(shards)} shards, {n} pairs/epoch, online CLIP features"
-        torch.manual_seed(args.seed)
-        model = CSR(model_cfg)
+        model = CSR.seeded(model_cfg, args.seed)
         if args.overwrite and not resume and rt.is_main:
             clear_run_dir(ckpt_dir)
         if rt.is_main:

@@ -75,8 +75,7 @@ def main(argv=None) -> list[dict]:
         for recipe in args.recipes:
             args.topk = k
             mcfg, tcfg = apply_recipe(recipe, *configs_from_args(args, x.shape[1]), xdb, args.hidden_size is not None)
-            torch.manual_seed(tcfg.seed)
-            model = CSR(mcfg)
+            model = CSR.seeded(mcfg, tcfg.seed)
             t0 = time.time()
             summary = train(model, TrainData(xdb, ydb if tcfg.cl == "label" else None), tcfg,
                             Path(args.runs) / f"{recipe}_k{k}", progress=False)

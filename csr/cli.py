@@ -249,8 +249,7 @@ def train_from_args(args: argparse.Namespace, emb_path: str, out_dir: str, pair_
     if args.overwrite and not args.resume and rt.is_main:
         clear_run_dir(out)
     try:
-        torch.manual_seed(train_cfg.seed)
-        model = CSR(model_cfg)
+        model = CSR.seeded(model_cfg, train_cfg.seed)
         if rt.is_main:
             print(f"data: {emb_path} {tuple(x.shape)} {x.dtype}" + (f", labels {lab_path}" if labels is not None else ""))
             print(f"model: {model_cfg}")

@@ -83,7 +83,7 @@ class Sweep:
         self.rt = rt or Runtime()
         self.data_id = data_id if data_id is not None else array_identity(xtr, ytr, xte, yte)
         self._pca: PCA | None = None
-        self._mrl: dict[str, Any] = {}
+        self._mrl: dict[tuple[str, tuple[int, ...]], Any] = {}
         self.timings: dict[str, float] = {}
         self.reused: list[str] = []
         self.computed: list[str] = []
@@ -168,15 +168,13 @@ class Sweep:
         dims = tuple(sorted(set(matryoshka_dims(self.xtr.shape[1])) | {d}))
         full_cfg = replace(cfg, dims=dims)
 
-        def run():
-            if method not in self._mrl:
+        def run():  # one head per (method, dims): a prefix's number never depends on which d was asked first
+            if (method, dims) not in self._mrl:
                 t0 = time.time()
-                self._mrl[method] = train_mrl(self.xtr, self.ytr if supervised else None, full_cfg,
-                                              progress=self.progress, device=str(self.rt.device))
-                self.timings[f"{method}_train"] = time.time() - t0
-            head = self._mrl[method]
-            if d not in head.dims:
-                raise ValueError(f"MRL adaptor has no prefix {d}")
+                self._mrl[method, dims] = train_mrl(self.xtr, self.ytr if supervised else None, full_cfg,
+                                                    progress=self.progress, device=str(self.rt.device))
+                self.timings[f"{method}_train"] = self.timings.get(f"{method}_train", 0.0) + time.time() - t0
+            head = self._mrl[method, dims]
             return {"method": method, "dims": d, "supervised": supervised, "config": asdict(cfg),
                     **evaluate(mrl_transform(head, self.xtr, d), mrl_transform(head, self.xte, d),
                                self.ytr, self.yte)}
@@ -197,7 +195,7 @@ class Sweep:
             model, saved = load_model(ckpt)
             if saved.get("sweep_digest") == model_digest and saved.get("complete"):
                 return model, {"train_seconds": saved.get("train_seconds", 0.0), "steps": saved.get("step")}
-        model = CSR(model_cfg)
+        model = CSR.seeded(model_cfg, train_cfg.seed)  # never the global RNG: a part must not depend on what ran before
         t0 = time.time()
         labels = self.ytr if train_cfg.cl == "label" else None
         summary = train(model, TrainData(self.xtr, labels), train_cfg, mdir, rt=self.rt, progress=self.progress,

@@ -28,7 +28,6 @@ PER_CLASS = 20  # 200 train + 200 val images
 SIZE = 112
 EMB = ["--weights", "efficientnet-lite0", "--img-size", str(SIZE), "--batch-size", "50", "--progress", "False"]
 
-pytestmark = pytest.mark.skipif(not DEFAULT_SOURCE.is_dir(), reason="Debian package dataset-fashion-mnist missing")
 
 
 def _umask() -> int:

@@ -159,9 +159,6 @@ def test_faiss_nn_under_torchrun_writes_the_same_neighbours(tmp_path):
 # ----------------------------------------------------------------------------- sharded extraction
 
 def test_extraction_two_processes_writes_the_same_shards(tmp_path):
-    from csr.fashion_mnist import DEFAULT_SOURCE
-    if not DEFAULT_SOURCE.is_dir():
-        pytest.skip("Debian package dataset-fashion-mnist missing")
     import prepare_fashion_mnist
     import stack_emb
     prepare_fashion_mnist.main(["--out", str(tmp_path / "fm"), "--subset", "9", "--progress", "False"])
