@@ -137,9 +137,10 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
                         "--resample-every 14 --resample-until 0.9; signed -> --cl none; both: hidden size capped "
                         "at one unit per 4 rows (csr/recipes.py). +labels: --cl label --cl_coef 1. Applied on top "
                         "of the other flags")
-    m.add_argument("--encoder-init", "--encoder_init", dest="encoder_init", default="random", choices=["random", "data"],
-                   help="encoder (and untied decoder) rows: random (reference) or data = centred, unit-norm training "
-                        "rows, so that every unit starts alive")
+    m.add_argument("--encoder-init", "--encoder_init", dest="encoder_init", default="random", choices=["random", "data", "pca"],
+                   help="encoder (and untied decoder) rows: random (reference); data = centred, unit-norm training "
+                        "rows, so that every unit starts alive; pca = ±principal directions around b_pre, so that "
+                        "training starts from PCA's information at every k")
     m.add_argument("--bpre-init", "--bpre_init", dest="bpre_init", default="zeros",
                    choices=["zeros", "mean", "geometric_median"], help="initial pre-encoder bias b_pre")
     m.add_argument("--k-start", "--k_start", dest="k_start", type=nonneg_int, default=0,
