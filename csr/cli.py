@@ -194,7 +194,8 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
     r.add_argument("--gpu", type=nonneg_int, default=None, help="CUDA device index for a single-process run")
     bool_flag(r, "--use_ddp", "--use-ddp", default=False, help="DistributedDataParallel under torchrun")
     bool_flag(r, "--amp", default=True, help="bfloat16 autocast on CUDA")
-    bool_flag(r, "--resume", default=False, help="continue a killed run from OUT/last.pt")
+    bool_flag(r, "--resume", default=False, help="continue a killed run from OUT/last.pt, or a finished one when "
+              "--epochs asks for more (a finished run has nothing to resume otherwise)")
     bool_flag(r, "--overwrite", default=False, help="start over in an existing OUT (its csr.pt, last.pt, log.jsonl are replaced)")
     bool_flag(r, "--keep-epochs", default=False, help="keep a checkpoint of every epoch (OUT/epochNNN.pt)")
 
