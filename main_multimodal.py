@@ -45,8 +45,8 @@ import sys
 import time
 from pathlib import Path
 
-from csr.cli import (ArgumentParser, bool_flag, nonneg_float, nonneg_int, positive_float, positive_int, run,
-                     str2bool)
+from csr.cli import (ArgumentParser, adam_beta, bool_flag, nonneg_float, nonneg_int, positive_float, positive_int,
+                     run, str2bool)
 from csr.io import CSRError, warn
 
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "fp32")
@@ -108,8 +108,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=positive_int, default=1024, help="pairs per process and step (paper: 1024)")
     o.add_argument("--lr", type=positive_float, default=4e-4, help="learning rate (paper: 4e-4)")
     o.add_argument("--wd", type=nonneg_float, default=1e-4, help="decoupled weight decay (paper: 1e-4)")
-    o.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (open_clip default)")
-    o.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2 (open_clip default for ViTs)")
+    o.add_argument("--beta1", type=adam_beta, default=0.9, help="AdamW beta1 in [0, 1) (open_clip default)")
+    o.add_argument("--beta2", type=adam_beta, default=0.98, help="AdamW beta2 in [0, 1) (open_clip default for ViTs)")
     o.add_argument("--eps", type=positive_float, default=1e-6, help="AdamW epsilon (open_clip default for ViTs)")
     o.add_argument("--grad-clip-norm", type=nonneg_float, default=1.0, help="gradient norm clip, 0 = off (paper: 1.0)")
     o.add_argument("--lr-scheduler", default="const", choices=["const", "cosine"],
@@ -169,7 +169,7 @@ def build_fixtures_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=positive_int, default=200, help="images in each retrieval set (5 captions each)")
     p.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST IDX directory")
     p.add_argument("--seed", type=int, default=0, help="sampling and caption-template seed")
-    p.add_argument("--train-clip-steps", type=int, default=0,
+    p.add_argument("--train-clip-steps", type=nonneg_int, default=0,
                    help="also train the tiny CLIP on the shards for this many steps (open_clip's ClipLoss) and "
                         "write OUT/tiny-clip-fmnist.pt, for a demo above chance (300 steps: 5-10 min on 2 CPU cores)")
     p.add_argument("--train-clip-batch", type=positive_int, default=128, help="tiny CLIP training batch")
@@ -187,6 +187,7 @@ def train_main(args: argparse.Namespace) -> dict:
     from csr import multimodal as mm
     from csr import webdata as wd
     from csr.checkpoint import clear_run_dir, prepare_run_dir
+    from csr.io import check_writable
     from csr.model import CSR, CSRConfig
     from csr.train import TrainConfig
 
@@ -197,6 +198,8 @@ def train_main(args: argparse.Namespace) -> dict:
     if resume == "latest":
         resume = str(ckpt_dir / "last.pt")
     prepare_run_dir(ckpt_dir, args.overwrite, resume)
+    if args.feature_cache:
+        check_writable(args.feature_cache)  # a file or read-only place fails now, not after the extraction
     rt = distributed.setup(True, args.device)  # DDP exactly when torchrun starts several processes
     try:
         clip = clip_.load_clip(args.model, args.pretrained, rt.device, args.precision, args.force_quick_gelu, args.seed)

@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     bool_flag(g, "--overwrite", default=False, help="replace an existing --out")
     args = p.parse_args(argv)
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, sidecar=True)
 
     a = dict(vars(args), progress=not args.no_progress)
     a["baseline_queries"] = min(args.baseline_queries or args.n_queries, args.n_queries)

@@ -71,9 +71,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                unfinished: str = "error") -> tuple[CSR, dict[str, Any]]:
     """Rebuild the model from a checkpoint's own config (shapes are never repeated on the command line).
 
-    A checkpoint of an unfinished run (`last.pt`, an epoch checkpoint: training progress but no `complete` flag;
-    a model saved outside a training loop has neither) is an error, or a
-    warning with `unfinished="warn"`; weights with NaN/Inf are always an error naming the checkpoint."""
+    A checkpoint of an unfinished run (`last.pt`, an epoch checkpoint: training progress but no `complete` flag,
+    and not of the run's last epoch or step; a model saved outside a training loop has neither) is an error, or
+    a warning with `unfinished="warn"`; weights with NaN/Inf are always an error naming the checkpoint."""
     ckpt = read_checkpoint(path)
     try:
         model = CSR(CSRConfig.from_dict(ckpt["config"]))
@@ -81,13 +81,23 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     except (RuntimeError, ValueError, TypeError, KeyError) as e:
         raise CSRError(f"{path}: checkpoint weights do not match its config ({str(e).splitlines()[0]})") from None
     check_finite_weights(model, path)
-    if "epoch" in ckpt and not ckpt.get("complete"):  # written by a training loop that did not finish
+    tc = ckpt.get("train_config") or {}
+    finished = ckpt.get("complete") or run_finished(ckpt, tc.get("epochs"), tc.get("max_steps", 0))
+    if "epoch" in ckpt and not finished:  # written by a training loop that did not finish
         what = (f"{path}: checkpoint of an unfinished run (epoch {ckpt['epoch']}, step {ckpt.get('step')}), "
                 f"not a finished model")
         if unfinished == "error":
             raise CSRError(f"{what}; finish the run with --resume or pass its csr.pt")
         warn(what)
     return model.to(device).eval(), ckpt
+
+
+def run_finished(ckpt: dict[str, Any], epochs: int | None, max_steps: int = 0) -> bool:
+    """Whether a training checkpoint (`last.pt`, an epoch checkpoint) holds the last epoch of a run of `epochs`
+    epochs (or its `max_steps`-th step): its weights are then the finished model's."""
+    if "epoch" not in ckpt or not epochs:
+        return False
+    return ckpt["epoch"] + 1 >= epochs or bool(max_steps and ckpt.get("step", 0) >= max_steps)
 
 
 def check_finite_weights(model: torch.nn.Module, path: Any) -> None:

@@ -105,6 +105,14 @@ def unit_interval(s: str) -> float:
     return v
 
 
+def adam_beta(s: str) -> float:
+    """An Adam/AdamW beta: a number in [0, 1) (1 or more never forgets, a negative one is meaningless)."""
+    v = fraction(s)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s!r}")
+    return v
+
+
 def fraction(s: str) -> float:
     """A float that may be written as a fraction, e.g. `1/32`."""
     try:
@@ -187,7 +195,8 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
     r.add_argument("--gpu", type=nonneg_int, default=None, help="CUDA device index for a single-process run")
     bool_flag(r, "--use_ddp", "--use-ddp", default=False, help="DistributedDataParallel under torchrun")
     bool_flag(r, "--amp", default=True, help="bfloat16 autocast on CUDA")
-    bool_flag(r, "--resume", default=False, help="continue a killed run from OUT/last.pt")
+    bool_flag(r, "--resume", default=False, help="continue a killed run from OUT/last.pt, or a finished one when "
+              "--epochs asks for more (a finished run has nothing to resume otherwise)")
     bool_flag(r, "--overwrite", default=False, help="start over in an existing OUT (its csr.pt, last.pt, log.jsonl are replaced)")
     bool_flag(r, "--keep-epochs", default=False, help="keep a checkpoint of every epoch (OUT/epochNNN.pt)")
 
@@ -238,7 +247,7 @@ def train_from_args(args: argparse.Namespace, emb_path: str, out_dir: str, pair_
     out = prepare_run_dir(out_dir, args.overwrite, args.resume)
     x = load_embeddings(emb_path)
     lab_path = Path(labels_path) if labels_path else labels_path_for(emb_path)
-    need_labels = args.use_CL and args.cl == "label"
+    need_labels = bool(labels_path) or (args.use_CL and args.cl == "label")  # a path given must exist
     labels = load_labels(lab_path, x.shape[0], required=need_labels)
     x_pair = None
     if pair_path:

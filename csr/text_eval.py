@@ -33,7 +33,7 @@ import numpy as np
 from csr.baselines import PCA, truncate
 from csr.codes import SparseCodes
 from csr.io import CSRError
-from csr.knn import l2_normalize, search
+from csr.knn import clip_k, l2_normalize, search
 
 RETRIEVAL_KS = (10, 100)
 
@@ -259,6 +259,7 @@ def evaluate_folder(emb_dir: str, csr_runs: dict[str, dict[int, str]], dims: tup
         check_dims(dims, a.shape[1], "--dims", root / f"{sides[0]}_emb.npy")
     if info["task"] == "labelled":
         target = (load_labels(root / "train_labels.npy", a.shape[0]), load_labels(root / "test_labels.npy", b.shape[0]))
+        clip_k(knn_k, a.shape[0], "--knn-k")  # a warning: with more voters than rows, every row votes
         kw = dict(knn_k=knn_k, retrieval_k=retrieval_k, seed=seed)
     else:
         target, kw = info["qrels"]["test"], dict(retrieval_k=retrieval_k)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from csr import losses as L
-from csr.checkpoint import check_resume, read_checkpoint, save_checkpoint
+from csr.checkpoint import check_finite_weights, check_resume, read_checkpoint, run_finished, save_checkpoint
 from csr.distributed import Runtime, all_reduce_, barrier
 from csr.encode import dead_fraction_on_rows
 from csr.io import CSRError, atomic_write_text, info, warn, write_sidecar
@@ -323,10 +323,14 @@ def train(model: CSR, data: TrainData | BatchSource, cfg: TrainConfig, out_dir: 
     if explicit or (resume and last.exists()):
         ckpt = read_checkpoint(last)
         check_resume(ckpt, last, model.cfg.to_dict(), identity)
+        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        if run_finished(ckpt, cfg.epochs, cfg.max_steps) and (out_dir / "csr.pt").exists():
+            raise CSRError(f"--resume {last}: nothing to resume, the run finished ({start_epoch} of {cfg.epochs} "
+                           f"epochs, step {step}); pass a larger --epochs (or --max-steps) to train on")
         model.load_state_dict(ckpt["state_dict"])
+        check_finite_weights(model, f"--resume {last}")
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
         log_path = out_dir / "log.jsonl"
         if log_path.exists():
             log_lines = [ln for ln in log_path.read_text().splitlines()
@@ -354,6 +358,8 @@ def train(model: CSR, data: TrainData | BatchSource, cfg: TrainConfig, out_dir: 
     multi_k = cfg.multi_k or 4 * k
     warn_k_changes(cfg, k, hidden, multi_k, rt.is_main)
     summary: dict[str, Any] = {"epochs": cfg.epochs, "steps": step}
+    if log_lines:  # resumed: the last epoch's stats, until an epoch runs (none when only csr.pt was missing)
+        summary.update({**json.loads(log_lines[-1]), "epochs": cfg.epochs})
     saved: list[str] = []
     model.train()
     for epoch in range(start_epoch, cfg.epochs):

@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     for path in inputs:  # validate everything before writing anything
         x = load_embeddings(path)
         check_input_dim(model, x.shape[1], path)
-        target = check_output(out / f"{split_name(path)}_codes.npz", args.overwrite)
+        target = check_output(out / f"{split_name(path)}_codes.npz", args.overwrite, sidecar=True)
         embs.append((path, x, load_labels(labels_path_for(path), x.shape[0], required=False), target))
     written = {}
     for path, x, labels, target in embs:

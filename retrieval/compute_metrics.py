@@ -17,8 +17,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from csr.cli import ArgumentParser, bool_flag, positive_int, run  # noqa: E402
 from csr.codes import load_codes  # noqa: E402
-from csr.io import (CSRError, atomic_write_json, check_output, load_labels, load_neighbors,  # noqa: E402
-                    read_sidecar, warn)
+from csr.io import (CSRError, atomic_write_json, check_neighbor_ids, check_output, load_labels,  # noqa: E402
+                    load_neighbors, read_sidecar, warn)
 from csr.metrics import DEFAULT_KS, markdown_table, retrieval_metrics  # noqa: E402
 
 
@@ -62,7 +62,9 @@ def main(argv=None) -> dict:
         raise CSRError(f"--ks {max(args.ks)}: {nn_path} has only {K} neighbours per query")
     else:
         ks = args.ks
-    metrics = retrieval_metrics(neighbors, labels_from(db_lab), labels_from(q_lab), tuple(ks))
+    db_labels = labels_from(db_lab)
+    check_neighbor_ids(neighbors, nn_path, len(db_labels), db_lab)
+    metrics = retrieval_metrics(neighbors, db_labels, labels_from(q_lab), tuple(ks))
     atomic_write_json(out, {"neighbors": str(nn_path), "n_queries": len(neighbors), "metrics": metrics})
     print(markdown_table([{"metric": k, "value": v} for k, v in metrics.items()]))
     print(f"wrote {out}")

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    out = check_output(Path(args.out), args.overwrite)
+    out = check_output(args.out, args.overwrite, also=[scores_path(Path(args.out))], sidecar=True)
     db, db_labels = load_side(args.database, args.dims)
     q, q_labels = load_side(args.queries, args.dims)
     if isinstance(db, SparseCodes) != isinstance(q, SparseCodes):
@@ -86,6 +86,9 @@ def main(argv=None) -> dict:
                        f"both be embeddings (.npy)")
     if isinstance(db, np.ndarray):
         check_same_width(db, q, args.database, args.queries)
+    elif db.hidden_size != q.hidden_size:
+        raise CSRError(f"--queries {args.queries}: codes over {q.hidden_size} units but --database {args.database} "
+                       f"has {db.hidden_size} (encode both with the same checkpoint)")
     backend = args.backend or ("sparse" if args.database.endswith(".npz") else "faiss")
     K = clip_k(args.K, len(db) if isinstance(db, np.ndarray) else db.n)
     rt = distributed.setup(args.use_ddp, args.device)
