@@ -28,7 +28,7 @@ from csr import zeroshot as zs
 from csr.checkpoint import load_model, save_checkpoint
 from csr.codes import load_codes
 from csr.io import CSRError
-from csr.knn import select_topk
+from csr.topk import select_topk
 from csr.model import CSR, CSRConfig, dense_code
 from csr.train import TrainConfig
 
