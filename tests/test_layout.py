@@ -61,3 +61,9 @@ def test_no_library_module_imports_or_runs_a_script():
         assert not names & SCRIPTS, f"csr/{m}.py imports {names & SCRIPTS}"
         assert "runpy" not in names, f"csr/{m}.py runs scripts through runpy"
 
+
+
+def test_readme_layout_lists_every_module():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    assert [m for m in MODULES if f"`{m}.py`" not in layout] == []
