@@ -2,7 +2,7 @@
 
     python bench/train_speed.py --train-emb .cache/fmnist/emb/train_emb.npy --eval-emb .cache/fmnist/emb/val_emb.npy
 
-The baseline is written here exactly as DESIGN.md describes the reference code: three forward passes per step
+The baseline is written here exactly as the authors' reference code runs a step: three forward passes per step
 (k, 4k, and k again as the second "view" for the contrastive term), each with a dense [B, hidden] code, a
 dense decoder and AuxK, deadness counted per forward call, and the contrastive loss on 2B stacked rows.
 Ours: one encoder pass (top-4k once), sparse decoding, sparse encoder backward (csr/model.py).
@@ -34,7 +34,7 @@ from csr.train import TrainConfig, TrainData, train  # noqa: E402
 
 
 class ReferenceAE(nn.Module):
-    """The authors' tied top-k autoencoder as DESIGN.md describes it (dense codes, dense decoder)."""
+    """The authors' tied top-k autoencoder as their reference code runs it (dense codes, dense decoder)."""
 
     def __init__(self, d: int, hidden: int, auxk: int, dead_threshold: int):
         super().__init__()

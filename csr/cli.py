@@ -124,8 +124,26 @@ def fraction(s: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number or a fraction like 1/32, got {s!r}") from None
 
 
+def schedule_name(s: str) -> str:
+    """An LR schedule: `constant` (open_clip's spelling `const` too) or `cosine`."""
+    return "constant" if s == "const" else s
+
+
+def resume_value(s: str) -> bool | str:
+    """`--resume`: a boolean (True = continue OUT/last.pt when it exists), `latest` (open_clip's spelling of
+    True) or the path of a checkpoint to continue from (which must exist)."""
+    if s == "latest":
+        return True
+    try:
+        return str2bool(s)
+    except argparse.ArgumentTypeError:
+        return s
+
+
 def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "self") -> None:
-    """The CSR model / optimisation / contrastive / runtime flags shared by every training script.
+    """The CSR model / optimisation / contrastive / runtime flags shared by every training script: the one
+    definition of them (a script with other defaults calls `p.set_defaults`, one with other spellings
+    `add_aliases`).
 
     Defaults are the paper's recipe (main_visual.py of the reference); deviations are flags, off by default.
     """
@@ -172,8 +190,8 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
                    help="stop after this many optimiser steps (0 = all epochs)")
     o.add_argument("--wd", type=nonneg_float, default=0.0, help="Adam weight decay")
     o.add_argument("--adam-eps", type=positive_float, default=6.25e-10, help="Adam epsilon (reference: 6.25e-10)")
-    o.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
-                   help="LR schedule (reference: constant, a StepLR with gamma 1)")
+    o.add_argument("--schedule", type=schedule_name, default="constant", choices=["constant", "cosine"],
+                   help="LR schedule (reference: constant, a StepLR with gamma 1; const = constant)")
     o.add_argument("--warmup-steps", type=nonneg_int, default=0, help="linear LR warm-up steps")
     o.add_argument("--grad-clip", "--grad-clip-norm", dest="grad_clip", type=nonneg_float, default=0.0,
                    help="clip the gradient norm (0 = off)")
@@ -195,10 +213,32 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
     r.add_argument("--gpu", type=nonneg_int, default=None, help="CUDA device index for a single-process run")
     bool_flag(r, "--use_ddp", "--use-ddp", default=False, help="DistributedDataParallel under torchrun")
     bool_flag(r, "--amp", default=True, help="bfloat16 autocast on CUDA")
-    bool_flag(r, "--resume", default=False, help="continue a killed run from OUT/last.pt, or a finished one when "
-              "--epochs asks for more (a finished run has nothing to resume otherwise)")
+    r.add_argument("--resume", type=resume_value, nargs="?", const=True, default=False, metavar="BOOL|latest|PATH",
+                   help="continue a killed run from OUT/last.pt (True or latest) or from a checkpoint PATH, or a "
+                        "finished one when --epochs asks for more (a finished run has nothing to resume otherwise; "
+                        "default False)")
     bool_flag(r, "--overwrite", default=False, help="start over in an existing OUT (its csr.pt, last.pt, log.jsonl are replaced)")
     bool_flag(r, "--keep-epochs", default=False, help="keep a checkpoint of every epoch (OUT/epochNNN.pt)")
+
+
+def add_aliases(p: argparse.ArgumentParser, aliases: dict[str, Sequence[str]], title: str, about: str) -> None:
+    """More spellings of flags already on `p` (e.g. the paper's names in one script): `aliases` maps a flag's
+    dest to its other option strings, which parse the same way into the same dest. Listed in their own group."""
+    actions = {a.dest: a for a in p._actions}
+    g = p.add_argument_group(title, about)
+    for dest, names in aliases.items():
+        a = actions[dest]
+        g.add_argument(*names, dest=dest, type=a.type, nargs=a.nargs, const=a.const, choices=a.choices,
+                       metavar=a.metavar, default=argparse.SUPPRESS, help=f"= {a.option_strings[0]}")
+
+
+def reject_unused(p: argparse.ArgumentParser, args: argparse.Namespace, why: dict[str, str]) -> None:
+    """Shared flags this script does not use must keep their defaults: `why` maps a dest to what to use
+    instead; a changed one is a one-line error."""
+    for dest, instead in why.items():
+        if getattr(args, dest) != p.get_default(dest):
+            raise CSRError(f"{p.prog}: {'/'.join(a.option_strings[0] for a in p._actions if a.dest == dest)} "
+                           f"is not used here: {instead}")
 
 
 def configs_from_args(args: argparse.Namespace, input_dim: int, x=None):

@@ -1,4 +1,4 @@
-"""File contract between stages: atomic writes, embeddings, labels, sidecars, sparse codes.
+"""File contract between stages: atomic writes, embeddings, labels, neighbours, sidecars (sparse codes: csr/codes.py).
 
 Every writer goes through `atomic_path`: data is written to a temporary file beside the target and renamed
 into place only when complete, so a crashed stage never leaves a file the next stage would read as valid.

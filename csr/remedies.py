@@ -1,4 +1,4 @@
-"""Unit-usage remedies: what keeps a top-k autoencoder's units alive (DESIGN.md, "dead latents").
+"""Unit-usage remedies: what keeps a top-k autoencoder's units alive (README, "Unit-usage remedies").
 
 Each is off in the paper's recipe and switched on by a flag: b_pre at the mean / geometric median of the data
 (`--bpre-init`), encoder rows initialised from data (`--encoder-init data`), the untied decoder's projected

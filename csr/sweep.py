@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch.distributed as dist
 
 from csr.baselines import PCA, MRLConfig, matryoshka_dims, mrl_transform, train_mrl, truncate
 from csr.codes import SparseCodes
-from csr.distributed import Runtime
+from csr.distributed import Runtime, broadcast_object
 from csr.encode import dead_fraction, encode_array
 from csr.io import CSRError, atomic_write_json, atomic_write_text, info
 from csr.knn import search
@@ -118,9 +117,7 @@ class Sweep:
                     found = None
         reuse = bool(found is not None and not self.force and found.get("digest") == digest_now)
         if self.rt.distributed:
-            box = [reuse]
-            dist.broadcast_object_list(box, src=0)
-            reuse = box[0]
+            reuse = broadcast_object(reuse)
         return reuse, found
 
     def part(self, key: str, inputs: dict[str, Any], fn: Callable[[], dict[str, Any]],

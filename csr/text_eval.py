@@ -2,7 +2,7 @@
 
 Every representation is L2-normalised before use: the dense embedding (d dims), its truncation to the first m
 dims (MRL-style; all-MiniLM-L6-v2 is not Matryoshka-trained, so this is the naive baseline), PCA to m dims
-fitted on the train split (the strong baseline of DESIGN.md), and CSR codes with k = m active units (sparse
+fitted on the train split (the strong baseline), and CSR codes with k = m active units (sparse
 `[N, hidden]` matrices; never densified for search). Truncation and PCA are `csr.baselines`' (the image sweep's):
 one exact PCA (covariance eigendecomposition) fitted once on the train split, its first m components for size m.
 

@@ -186,10 +186,10 @@ class Batches:
         out[order] = block
         return torch.from_numpy(out)
 
-    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+    def epoch(self, epoch: int) -> Iterator[Batch]:
         perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n)
         B, W, r = self.cfg.batch_size, self.rt.world_size, self.rt.rank
-        for step in range(skip, self.steps_per_epoch):
+        for step in range(self.steps_per_epoch):
             g = perm[step * B:(step + 1) * B]
             per = len(g) // W
             if per == 0:

@@ -272,7 +272,7 @@ def cases(f):
         (*mm, "--out", f["run"], "finished run); pass --resume"),
         (*mm, "--lr", "nan", "argument --lr: must be a finite number > 0"),
         (*mm, "--csr-auxk", "-5", "argument --csr-auxk: must be >= 0"),
-        (*mm, "--max-steps", "-5", "argument --max-steps: must be >= 0"),
+        (*mm, "--max-steps", "-5", "--max_steps: must be >= 0"),
         (main_multimodal.main, "--train-data", d / "missing-{0000..0001}.tar", "2 of 2 shards do not exist"),
         (*mme, "--output", f["nn"], "nn.npy exists; pass --overwrite"),
         (*mme, "--output", new / "r.json", "--recall_k", "0", "--recall-k: must be >= 1"),

@@ -12,8 +12,9 @@ import torch
 from csr.baselines import PCA, MRLConfig, train_mrl
 from csr.codes import SparseCodes, save_codes
 from csr.io import read_rows
-from csr.knn import merge_topk, search, select_topk
-from csr.scale import DryRun, Stage, run_stage
+from csr.knn import merge_topk, search
+from csr.topk import select_topk
+from bench.dry_run import DryRun, Stage, run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
