@@ -16,8 +16,9 @@ training command, data, k and an evaluation table), exactly what a hub push uplo
     python export_csr.py save-pretrained --ckpt runs/fmnist_k32/csr.pt --out hf/fmnist_k32 \
         --eval runs/fmnist_k32/nn_metrics.json
 Every folder is written atomically (temp dir beside it, then renamed) with a JSON sidecar beside it
-(`OUT.json`); an existing OUT is replaced only with --overwrite. Untied checkpoints cannot be exported to
-sentence-transformers (its module is tied): use save-pretrained for them.
+(`OUT.json`); an existing OUT is replaced only with --overwrite, and an `OUT.json` that describes another
+file (e.g. the sidecar of `OUT.npy`) is never replaced: choose another OUT. Untied checkpoints cannot be
+exported to sentence-transformers (its module is tied): use save-pretrained for them.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import argparse
 from pathlib import Path
 
 from csr.cli import ArgumentParser, bool_flag, positive_int, run
-from csr.io import sidecar_path
+from csr.io import check_output, sidecar_path
 
 
 def _common(p: argparse.ArgumentParser, source: str, source_help: str, out_help: str) -> None:
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    check_output(args.out, args.overwrite, sidecar=True)  # before loading anything: OUT and OUT.json
     from csr import interop
     if args.command == "export-st":
         info = interop.export_st_module(args.ckpt, args.out, k=args.topk, overwrite=args.overwrite)

@@ -17,7 +17,12 @@ Three forms (the training form has no sub-command word, as in the paper's README
         --feature-cache .cache/mm/features --save-frequency 10 --out runs/mm/demo
    Without `--feature-cache` every step decodes shard samples and runs the frozen CLIP (online features).
    Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1) training is DistributedDataParallel (NCCL on CUDA,
-   gloo on CPU); `--batch-size` is per process, as in open_clip.
+   gloo on CPU); `--batch-size` is the global batch, as in every trainer here (open_clip's is per process: the
+   same number on one process, as in the paper's command).
+   The training flags are csr/cli.py's, shared with main_visual.py and main_text.py (`--topk`, `--warmup-steps`,
+   `--schedule`, `--adam-eps`, `--resume`, k annealing `--k-start`, resampling `--resample-every`, ...), with
+   the paper's image-text defaults; the paper's spellings (`--csr-topk`, `--warmup`, `--lr-scheduler const`,
+   `--eps`, `--resume latest`, ...) are aliases of them.
    Writes OUT/epoch_{E}.pt every --save-frequency epochs (and at the end), last.pt (for --resume), csr.pt
    (final; readable by `eval` and inference/csr_inference.py) + csr.json, log.jsonl.
 
@@ -43,13 +48,28 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from csr.cli import (ArgumentParser, add_precision_arg, bool_flag, nonneg_float, nonneg_int, positive_float,
-                     positive_int, precision_from_args, run, str2bool)
+from csr.cli import (ArgumentParser, adam_beta, add_aliases, add_train_args, bool_flag, nonneg_float, nonneg_int,
+                     positive_int, reject_unused, run, str2bool)
 from csr.io import CSRError, warn
 
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "fp32")
+# Defaults here are the paper's image-text hyper-parameters (its multimodal README command); every other
+# training flag is csr/cli.py's, shared with main_visual.py and main_text.py.
+PAPER_DEFAULTS = dict(topk=64, auxk=1024, hidden_size=2048, epochs=5, batch_size=1024, wd=1e-4, adam_eps=1e-6,
+                      grad_clip=1.0, seed=0)
+# The paper's multimodal spellings of the shared training flags (--grad-clip-norm is one of csr/cli.py's own)
+PAPER_ALIASES = {"topk": ["--csr-topk"], "auxk": ["--csr-auxk"], "hidden_size": ["--csr-hidden-size"],
+                 "dead_threshold": ["--csr-dead-threshold"], "tied": ["--csr-tied"],
+                 "cl_coef": ["--csr-cl_coef", "--csr-cl-coef"], "auxk_coef": ["--csr-auxk-coef"],
+                 "multi_k_coef": ["--csr-multi-k-coef"], "recon_loss": ["--csr-recon-loss"], "adam_eps": ["--eps"],
+                 "schedule": ["--lr-scheduler"], "warmup_steps": ["--warmup"]}
+# shared flags that mean nothing for image-text training, and what to use instead
+UNUSED = {"use_ddp": "DDP follows torchrun (WORLD_SIZE > 1)", "gpu": "use --device cuda:N",
+          "amp": "--precision sets autocast", "temperature": "the InfoNCE scale is --csr-logit-scale",
+          "recipe": "the recipes are chosen for image and text rows; pass their flags one by one"}
 
 
 def _clip_args(g: argparse._ArgumentGroup, underscore: bool = False) -> None:
@@ -67,7 +87,9 @@ def _clip_args(g: argparse._ArgumentGroup, underscore: bool = False) -> None:
 def build_train_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="main_multimodal.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Sub-commands: `main_multimodal.py eval ...`, `main_multimodal.py fixtures ...`")
+                                epilog="Training defaults here (the paper's image-text recipe): " + " ".join(
+                                    f"{k}={v}" for k, v in PAPER_DEFAULTS.items()) + ", cl=pair, cl_coef=1. "
+                                "Sub-commands: `main_multimodal.py eval ...`, `main_multimodal.py fixtures ...`")
     d = p.add_argument_group("data")
     d.add_argument("--train-data", required=True,
                    help="webdataset shards, brace notation, '::' joins sources (e.g. 'cc3m/{0000..0575}.tar')")
@@ -84,50 +106,25 @@ def build_train_parser() -> argparse.ArgumentParser:
                         "then train from the cache (far faster for several epochs)")
     c = p.add_argument_group("CLIP (frozen)")
     _clip_args(c)
-    m = p.add_argument_group("CSR model (one CSR shared by both towers)")
-    m.add_argument("--csr-topk", type=positive_int, default=64, help="active units k (paper: 64)")
-    m.add_argument("--csr-auxk", type=nonneg_int, default=1024, help="dead units used by AuxK (paper: 1024)")
-    m.add_argument("--csr-hidden-size", type=positive_int, default=2048, help="latent units (paper: 2048)")
+    add_train_args(p, cl_coef=1.0, cl="pair", precision_flag="--csr-precision")  # --precision: the frozen CLIP's
+    p.set_defaults(**PAPER_DEFAULTS)
+    m = p.add_argument_group("image-text (one CSR shared by both towers)")
     m.add_argument("--csr-input-dim", type=positive_int, default=None,
                    help="CLIP embedding width (paper: 512 for ViT-B-16); checked against the model")
-    m.add_argument("--csr-dead-threshold", type=positive_int, default=30, help="steps without firing before a unit is dead")
-    bool_flag(m, "--csr-tied", default=True, help="decoder = encoder^T (reference)")
-    add_precision_arg(m, "--csr-precision", dest="csr_precision")  # --precision is the frozen CLIP's (open_clip)
-    c2 = p.add_argument_group("loss")
-    c2.add_argument("--csr-cl_coef", "--csr-cl-coef", dest="csr_cl_coef", type=nonneg_float, default=1.0,
-                    help="weight gamma of the CLIP-style InfoNCE term (paper, multimodal: 1)")
-    c2.add_argument("--csr-cl-on", default="recon", choices=["recon", "codes"],
-                    help="InfoNCE on the L2-normalised top-k reconstructions (reference) or on the sparse codes")
-    c2.add_argument("--csr-logit-scale", type=nonneg_float, default=0.0,
-                    help="InfoNCE logit scale (0 = the frozen CLIP's own, exp(logit_scale), 100 for trained CLIPs)")
-    c2.add_argument("--csr-auxk-coef", type=nonneg_float, default=1 / 32, help="AuxK weight beta (paper: 1/32)")
-    c2.add_argument("--csr-multi-k-coef", type=nonneg_float, default=1 / 8, help="weight of the 4k reconstruction (1/8)")
-    c2.add_argument("--csr-recon-loss", default="mse", choices=["mse", "nmse"],
-                    help="reconstruction loss: mse (reference) or MSE / Var(x)")
-    o = p.add_argument_group("optimisation (AdamW, open_clip's set-up: no weight decay on biases)")
-    o.add_argument("--epochs", type=positive_int, default=5, help="epochs (paper: 5)")
-    o.add_argument("--batch-size", type=positive_int, default=1024, help="pairs per process and step (paper: 1024)")
-    o.add_argument("--lr", type=positive_float, default=4e-4, help="learning rate (paper: 4e-4)")
-    o.add_argument("--wd", type=nonneg_float, default=1e-4, help="decoupled weight decay (paper: 1e-4)")
-    o.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (open_clip default)")
-    o.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2 (open_clip default for ViTs)")
-    o.add_argument("--eps", type=positive_float, default=1e-6, help="AdamW epsilon (open_clip default for ViTs)")
-    o.add_argument("--grad-clip-norm", type=nonneg_float, default=1.0, help="gradient norm clip, 0 = off (paper: 1.0)")
-    o.add_argument("--lr-scheduler", default="const", choices=["const", "cosine"],
-                   help="LR schedule (constant, as the CSR reference)")
-    o.add_argument("--warmup", type=nonneg_int, default=0, help="linear warm-up steps")
-    o.add_argument("--max-steps", type=nonneg_int, default=0, help="stop after this many steps in total (0 = all epochs)")
+    m.add_argument("--csr-cl-on", default="recon", choices=["recon", "codes"],
+                   help="InfoNCE on the L2-normalised top-k reconstructions (reference) or on the sparse codes")
+    m.add_argument("--csr-logit-scale", type=nonneg_float, default=0.0,
+                   help="InfoNCE logit scale (0 = the frozen CLIP's own, exp(logit_scale), 100 for trained CLIPs)")
+    m.add_argument("--beta1", type=adam_beta, default=0.9, help="AdamW beta1 in [0, 1) (open_clip default)")
+    m.add_argument("--beta2", type=adam_beta, default=0.98, help="AdamW beta2 in [0, 1) (open_clip default for ViTs)")
     out = p.add_argument_group("output")
     out.add_argument("--out", default=None,
                      help="run directory (default runs/csr_<model>_k<topk>_h<hidden>); not open_clip's --logs, "
                           "which torchrun would take for its own --logs-specs")
     out.add_argument("--save-frequency", type=positive_int, default=1, help="checkpoint every N epochs (paper: 1)")
-    out.add_argument("--resume", default=None, help="checkpoint to resume from ('latest' = OUT/last.pt)")
-    bool_flag(out, "--overwrite", default=False, help="replace an existing run directory's checkpoints")
-    r = p.add_argument_group("runtime")
-    r.add_argument("--seed", type=int, default=0, help="random seed (also seeds a random-init CLIP)")
-    r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    bool_flag(r, "--progress", default=True, help="tqdm progress bars")
+    bool_flag(out, "--progress", default=True, help="tqdm progress bars")
+    add_aliases(p, PAPER_ALIASES, "the paper's spellings",
+                "the multimodal README's names of the training flags above; both spellings work")
     return p
 
 
@@ -170,7 +167,7 @@ def build_fixtures_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=positive_int, default=200, help="images in each retrieval set (5 captions each)")
     p.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST IDX directory")
     p.add_argument("--seed", type=int, default=0, help="sampling and caption-template seed")
-    p.add_argument("--train-clip-steps", type=int, default=0,
+    p.add_argument("--train-clip-steps", type=nonneg_int, default=0,
                    help="also train the tiny CLIP on the shards for this many steps (open_clip's ClipLoss) and "
                         "write OUT/tiny-clip-fmnist.pt, for a demo above chance (300 steps: 5-10 min on 2 CPU cores)")
     p.add_argument("--train-clip-batch", type=positive_int, default=128, help="tiny CLIP training batch")
@@ -188,38 +185,35 @@ def train_main(args: argparse.Namespace) -> dict:
     from csr import multimodal as mm
     from csr import webdata as wd
     from csr.checkpoint import clear_run_dir, prepare_run_dir
-    from csr.model import CSR, CSRConfig
-    from csr.train import TrainConfig
+    from csr.cli import configs_from_args
+    from csr.io import check_writable
+    from csr.model import CSR
 
     shards = wd.expand_shards(args.train_data)
     wd.check_shard(shards[0])
-    ckpt_dir = Path(args.out or f"runs/csr_{Path(args.model).stem}_k{args.csr_topk}_h{args.csr_hidden_size}")
+    ckpt_dir = Path(args.out or f"runs/csr_{Path(args.model).stem}_k{args.topk}_h{args.hidden_size}")
     resume = args.resume
-    if resume == "latest":
-        resume = str(ckpt_dir / "last.pt")
     prepare_run_dir(ckpt_dir, args.overwrite, resume)
+    if args.feature_cache:
+        check_writable(args.feature_cache)  # a file or read-only place fails now, not after the extraction
     rt = distributed.setup(True, args.device)  # DDP exactly when torchrun starts several processes
     try:
+        if args.batch_size % rt.world_size:
+            raise CSRError(f"--batch-size {args.batch_size} (global) must be divisible by the number of processes "
+                           f"({rt.world_size})")
+        per_rank, global_batch = args.batch_size // rt.world_size, args.batch_size
         clip = clip_.load_clip(args.model, args.pretrained, rt.device, args.precision, args.force_quick_gelu, args.seed)
         if args.csr_input_dim is not None and args.csr_input_dim != clip.embed_dim:
             raise CSRError(f"--csr-input-dim {args.csr_input_dim} does not match the embedding width "
                            f"{clip.embed_dim} of {clip.name}")
-        try:
-            model_cfg = CSRConfig(input_dim=clip.embed_dim, hidden_size=args.csr_hidden_size, topk=args.csr_topk,
-                                  auxk=args.csr_auxk, dead_threshold=args.csr_dead_threshold, tied=args.csr_tied,
-                                  precision=precision_from_args(args.csr_precision, rt.device.type, rt.is_main))
-        except ValueError as e:
-            raise CSRError(f"--csr-topk/--csr-hidden-size: {e}") from None
-        train_cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size * rt.world_size, epochs=args.epochs,
-                                cl="none", cl_coef=args.csr_cl_coef, auxk_coef=args.csr_auxk_coef,
-                                multi_k_coef=args.csr_multi_k_coef, recon_loss=args.csr_recon_loss, wd=args.wd,
-                                adam_eps=args.eps, schedule="cosine" if args.lr_scheduler == "cosine" else "constant",
-                                warmup_steps=args.warmup, grad_clip=args.grad_clip_norm, seed=args.seed,
-                                amp=args.precision.startswith("amp"), max_steps=args.max_steps)
+        model_cfg, train_cfg = configs_from_args(args, clip.embed_dim)
+        # the image-text InfoNCE is added by csr.multimodal (the shared step's own contrastive term is off);
+        # --cl none or --use_CL False turn it off
+        train_cfg = replace(train_cfg, cl="none", cl_coef=train_cfg.cl_coef if train_cfg.cl == "pair" else 0.0,
+                            amp=args.precision.startswith("amp"))
         logit_scale = args.csr_logit_scale or clip.logit_scale
-        global_batch = args.batch_size * rt.world_size
         if args.feature_cache:
-            img, txt = wd.build_feature_cache(args.feature_cache, clip, shards, args.train_data, args.batch_size,
+            img, txt = wd.build_feature_cache(args.feature_cache, clip, shards, args.train_data, per_rank,
                                               args.workers, args.train_num_samples, rt, args.progress)
             if len(img) < global_batch:
                 raise CSRError(f"--feature-cache holds {len(img)} pairs, fewer than one global batch of {global_batch}")
@@ -229,14 +223,13 @@ def train_main(args: argparse.Namespace) -> dict:
             wd.check_readers(len(shards), rt.world_size, args.workers, args.dataset_resampled)
             n = args.train_num_samples or wd.count_pairs(shards)
             batches = max(1, -(-n // global_batch))
-            stream = wd.ShardStream(shards, clip.preprocess, clip.tokenizer, args.batch_size, rt.rank,
+            stream = wd.ShardStream(shards, clip.preprocess, clip.tokenizer, per_rank, rt.rank,
                                     rt.world_size, batches_per_worker=-(-batches // max(1, args.workers)),
                                     shuffle=True, resampled=args.dataset_resampled, buffer=args.shuffle_buffer,
                                     seed=args.seed)
             source = mm.OnlineFeatures(clip, stream, args.workers)
             data_desc = f"{len(shards)} shards, {n} pairs/epoch, online CLIP features"
-        torch.manual_seed(args.seed)
-        model = CSR(model_cfg)
+        model = CSR.seeded(model_cfg, args.seed)
         if args.overwrite and not resume and rt.is_main:
             clear_run_dir(ckpt_dir)
         if rt.is_main:
@@ -250,7 +243,7 @@ def train_main(args: argparse.Namespace) -> dict:
         extra = {"clip": clip.describe(), "args": vars(args)}
         t0 = time.time()
         summary = mm.train_multimodal(model, source, train_cfg, ckpt_dir, rt, logit_scale, args.csr_cl_on,
-                                      args.save_frequency, (args.beta1, args.beta2), args.eps, extra, resume,
+                                      args.save_frequency, (args.beta1, args.beta2), args.adam_eps, extra, resume,
                                       args.progress)
         if rt.is_main:
             print(f"done in {time.time() - t0:.1f}s: {summary['steps']} steps, final loss "
@@ -340,7 +333,13 @@ def main(argv=None):
         return eval_main(build_eval_parser().parse_args(argv[1:]))
     if argv and argv[0] == "fixtures":
         return fixtures_main(build_fixtures_parser().parse_args(argv[1:]))
-    return train_main(build_train_parser().parse_args(argv))
+    p = build_train_parser()
+    args = p.parse_args(argv)
+    reject_unused(p, args, UNUSED)
+    if args.cl not in ("pair", "none"):
+        raise CSRError(f"--cl {args.cl}: image-text training pairs each image with its caption (--cl pair, the "
+                       f"default) or has no contrastive term (--cl none)")
+    return train_main(args)
 
 
 if __name__ == "__main__":

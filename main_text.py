@@ -61,8 +61,10 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> dict:
+    from csr.io import check_writable
     from csr.text_corpora import load_beir, load_builtin, load_labelled_files
     from csr.text_embed import embed_corpus
+    check_writable(args.out)  # before reading the corpus or loading the model
     if args.dataset:
         corpus = load_builtin(args.dataset, args.cache_dir, args.test_fraction, args.split_seed)
     elif args.train:
@@ -116,7 +118,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="active dims: CSR k, truncation and PCA sizes (paper: 8 16 32 64)")
     e.add_argument("--methods", nargs="+", default=["dense", "truncation", "pca", "csr"],
                    choices=["dense", "truncation", "pca", "csr"], help="representations to evaluate")
-    e.add_argument("--knn-k", type=positive_int, default=10, help="neighbours voting in kNN classification")
+    e.add_argument("--knn-k", type=positive_int, default=10,
+                   help="neighbours voting in kNN classification (above the training rows: all vote, with a warning)")
     e.add_argument("--retrieval-k", type=positive_int, default=100, help="ranked list depth for retrieval metrics")
     e.add_argument("--seed", type=int, default=42,
                    help="seed of logistic regression, k-means and PCA's row sample (above 200,000 train rows)")
@@ -171,7 +174,8 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--max-seq-length", type=positive_int, default=128,
                    help="tokens per text (128 keeps CPU embedding of BBC + R8 within minutes; MiniLM's own is 256)")
     d.add_argument("--embed-batch-size", type=positive_int, default=64, help="texts per forward pass")
-    d.add_argument("--knn-k", type=positive_int, default=10, help="neighbours voting in kNN classification")
+    d.add_argument("--knn-k", type=positive_int, default=10,
+                   help="neighbours voting in kNN classification (above the training rows: all vote, with a warning)")
     d.add_argument("--unsupervised-cl", default="none", choices=["none", "self", "off"],
                    help="also train CSR WITHOUT labels (this --cl, reported as csr_<cl>) for a fair comparison "
                         "with the unsupervised baselines; off: skip")

@@ -18,9 +18,9 @@ auxk 512, beta 1/32, gamma 0.1, hidden 4·d).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from csr.cli import ArgumentParser, add_train_args, run, train_from_args
+from csr.paths import training_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,14 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--labels", default=None, help="labels .npy (default: {split}_labels.npy beside the embeddings)")
     d.add_argument("--model_name", "--model-name", default=None,
                    help="backbone that produced the embeddings (recorded in the checkpoint only)")
-    d.add_argument("--out", default=None, help="output directory (default runs/<embeddings stem>_k<topk>)")
+    d.add_argument("--out", default=None, help="output directory (default RUNS/<embeddings stem>_k<topk>, RUNS = "
+                                               "<repository>/runs or $CSR_RUNS: csr/paths.py)")
     add_train_args(p)
     return p
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    out = args.out or str(Path("runs") / f"{Path(args.pretrained_emb).stem}_k{args.topk}")
+    out = args.out or str(training_dir(args.pretrained_emb, args.topk))
     return train_from_args(args, args.pretrained_emb, out, labels_path=args.labels)
 
 

@@ -46,7 +46,9 @@ def _draw(a: dict, skew: str, k: int):
 
 def _ours(a: dict, skew: str, k: int, out: str) -> dict:
     """Child process: our engine (normalise + build + search)."""
-    from csr.sparse_knn import build_index, normalized_rows, query_work
+    from csr.sparse_knn import build_index
+    from csr.sparse_knn_numba import query_work
+    from csr.sparse_rows import normalized_rows
     q, db = _draw(a, skew, k)
     warm = build_index(type(db)(db.indices[:5000], db.values[:5000], db.hidden_size), hot_fraction=0.01)
     for tiled in (0.0, np.inf):  # compile (or load from numba's cache) both paths before timing
@@ -73,7 +75,7 @@ def _sdt(a: dict, skew: str, k: int, out: str) -> dict:
     from sparse_dot_topn import sp_matmul_topn
     from tqdm import tqdm
 
-    from csr.sparse_knn import normalized_csr
+    from csr.sparse_rows import normalized_csr
     q, db = _draw(a, skew, k)
     q = type(q)(q.indices[:a["baseline_queries"]], q.values[:a["baseline_queries"]], q.hidden_size)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -140,7 +142,7 @@ def main(argv=None) -> dict:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     bool_flag(g, "--overwrite", default=False, help="replace an existing --out")
     args = p.parse_args(argv)
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, sidecar=True)
 
     a = dict(vars(args), progress=not args.no_progress)
     a["baseline_queries"] = min(args.baseline_queries or args.n_queries, args.n_queries)

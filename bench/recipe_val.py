@@ -1,14 +1,20 @@
-"""Recipe selection on a VALIDATION split carved from the training rows (never the eval split).
+"""Recipe selection on a PANEL of validation splits carved from training rows (never an eval split).
 
-    python bench/recipe_val.py --emb-dir .cache/fmnist_full/emb --ks 8 64 --recipes paper recommended
-    python bench/recipe_val.py --emb-dir .cache/text/bbc_128 --ks 8 32 --batch-size 256 --epochs 20 --cl none \
-        --text-metrics --recipes paper recommended
+    python bench/recipe_val.py --recipe recommended                       # the default panel, k = 2 8 16 32 64
+    python bench/recipe_val.py --recipe recommended --sets fmnist3k bbc --ks 8 32
+    python bench/recipe_val.py --recipe recommended --try encoder_init=pca epochs=30   # a lever on top of it
+    python bench/recipe_val.py --recipe paper --sets mine=.cache/text/mine_128:5000 --text-sets mine
 
-A fixed permutation (--split-seed) of train_emb.npy puts --val-fraction of the rows aside as queries against the
-rest as database; each (recipe, k) trains one CSR on the database rows with the flags' recipe (the paper's by
-default) plus the named recipe's changes, and prints one JSON line: 1-NN top-1 (%), dead fraction of the
-database codes (%), steps, training seconds; PCA and the full embedding on the same split come first. --text-metrics adds
-the text evaluation's kNN accuracy (10 neighbours vote) and V-measure (k-means on the query rows).
+The panel spans what users bring: non-negative CNN features at several sizes and signed sentence embeddings
+of several corpora (PANEL below; each set reads `train_emb.npy` + `train_labels.npy` of a folder the Makefile or
+`main_text.py embed` writes: BUILD says how). Each set is first subsampled to its row count (a fixed draw), then
+a fixed permutation (--split-seed) puts --val-fraction of those rows aside as queries against the rest as the
+database. At every k: PCA fit on the database rows, the label-free MRL adaptor, CSR with the paper's recipe (the
+flags) and CSR with --recipe plus the --try changes (the candidate); text sets add V-measure (k-means on the
+queries). Parts are cached under --runs/<set> by the sweep's digests (csr/sweep.py), so a re-run with another
+candidate trains only the candidate's models. Prints one table (1-NN top-1 %, text: top-1 / V-measure) and one
+summary line per baseline: the candidate's wins / ties / losses over every (set, k) cell, |gap| <= --tie counted
+as a tie, and the worst gap; writes the same to --runs/panel_<candidate>.{md,json}.
 """
 from __future__ import annotations
 
@@ -16,78 +22,194 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from csr.baselines import PCA  # noqa: E402
+from csr.baselines import MRLConfig  # noqa: E402
 from csr.cli import add_train_args, configs_from_args, run  # noqa: E402
-from csr.encode import dead_fraction, encode_array  # noqa: E402
-from csr.io import load_embeddings, load_labels  # noqa: E402
-from csr.model import CSR  # noqa: E402
-from csr.sweep import evaluate  # noqa: E402
-from csr.text_eval import View, knn_accuracy, v_measure  # noqa: E402
-from csr.recipes import RECIPES, apply_recipe  # noqa: E402
-from csr.train import TrainData, train  # noqa: E402
+from csr.io import CSRError, atomic_write_json, atomic_write_text, load_embeddings, load_labels  # noqa: E402
+from csr.metrics import markdown_table  # noqa: E402
+from csr.sweep import Sweep, array_identity  # noqa: E402
+
+# name: (folder, rows to draw (0 = all), text set?)
+PANEL: dict[str, tuple[str, int, bool]] = {
+    "fmnist3k": (".cache/fmnist/emb", 3000, False),
+    "fmnist15k": (".cache/fmnist/emb", 15000, False),
+    "fmnist30k": (".cache/fmnist/emb", 0, False),
+    "bbc": (".cache/text/bbc_128", 0, True),
+    "r8": (".cache/text/r8_128", 0, True),
+    "20ng": (".cache/text/20ng_128", 0, True),
+}
+BUILD = {".cache/fmnist/emb": "make .cache/fmnist/emb/val_emb.npy",
+         **{f".cache/text/{c}_128": f"python main_text.py embed --dataset {c} --max-seq-length 128 "
+                                    f"--out .cache/text/{c}_128" for c in ("bbc", "r8", "20ng")}}
+BASELINES = {"pca": "PCA", "mrl_unsup": "MRL adaptor (no labels)", "paper": "CSR, paper recipe"}
 
 
-def val_split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
-    """(database x, y, query x, y): a fixed permutation's first `fraction` of rows are the queries."""
-    perm = np.random.default_rng(seed).permutation(len(x))
-    nq = int(round(fraction * len(x)))
+@dataclass
+class PanelSet:
+    name: str
+    folder: Path
+    rows: int  # 0 = all
+    text: bool
+
+
+def parse_sets(names: list[str], text_sets: list[str]) -> list[PanelSet]:
+    """Panel names, or `name=FOLDER[:ROWS]` for a set of one's own (text when named in --text-sets)."""
+    out = []
+    for s in names:
+        if "=" in s:
+            name, spec = s.split("=", 1)
+            folder, _, rows = spec.partition(":")
+            if rows and not rows.isdigit():
+                raise CSRError(f"--sets {s}: ROWS must be a whole number, got {rows!r}")
+            out.append(PanelSet(name, Path(folder), int(rows or 0), name in text_sets))
+        elif s in PANEL:
+            folder, rows, text = PANEL[s]
+            out.append(PanelSet(s, Path(folder), rows, text or s in text_sets))
+        else:
+            raise CSRError(f"--sets: unknown set {s!r} (panel: {', '.join(PANEL)}; or name=FOLDER[:ROWS])")
+    for ps in out:
+        if not (ps.folder / "train_emb.npy").exists():
+            how = BUILD.get(str(ps.folder))
+            raise CSRError(f"{ps.folder / 'train_emb.npy'}: missing for panel set {ps.name}"
+                           + (f" (build it with: {how})" if how else ""))
+    return out
+
+
+def val_split(x: np.ndarray, y: np.ndarray, rows: int, fraction: float, seed: int):
+    """(database x, y, query x, y): `rows` drawn without replacement (0 = all), then a fixed permutation's first
+    `fraction` of them are the queries."""
+    n = len(x)
+    take = np.arange(n) if not rows or rows >= n else np.sort(np.random.default_rng([seed, 1]).choice(n, rows, replace=False))
+    perm = take[np.random.default_rng(seed).permutation(len(take))]
+    nq = int(round(fraction * len(take)))
     q, db = np.sort(perm[:nq]), np.sort(perm[nq:])
     return np.asarray(x[db], np.float32), y[db], np.asarray(x[q], np.float32), y[q]
 
 
-def scores(db, q, ydb: np.ndarray, yq: np.ndarray, dims: int, text: bool) -> dict[str, float]:
-    """1-NN top-1 (%), and with `text` the text protocol's kNN-10 accuracy and V-measure, of one representation."""
-    out = {"top1": round(evaluate(db, q, ydb, yq)["top1"], 2)}
-    if text:
-        view = View("x", dims, db, q)
-        out["knn10"] = round(knn_accuracy(view.neighbours(10), ydb, yq, 10), 2)
-        out["v_measure"] = round(v_measure(view.features("b"), yq), 2)
-    return out
+def parse_changes(changes: list[str], model_cfg: Any, train_cfg: Any) -> tuple[dict, dict]:
+    """`--try field=value ...` as (model config changes, train config changes), typed like the fields."""
+    mf = {f.name: f for f in fields(model_cfg)}
+    tf = {f.name: f for f in fields(train_cfg)}
+    mch, tch = {}, {}
+    for c in changes:
+        key, sep, raw = c.partition("=")
+        if not sep or (key not in mf and key not in tf):
+            raise CSRError(f"--try {c}: expected FIELD=VALUE with a field of CSRConfig or TrainConfig")
+        cur = getattr(model_cfg, key) if key in mf else getattr(train_cfg, key)
+        try:
+            val = (raw.lower() in ("1", "true", "yes")) if isinstance(cur, bool) else type(cur)(raw)
+        except ValueError:
+            raise CSRError(f"--try {c}: {raw!r} is not a {type(cur).__name__}") from None
+        (mch if key in mf else tch)[key] = val
+    return mch, tch
 
 
-def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--emb-dir", required=True, help="folder with train_emb.npy and train_labels.npy")
-    p.add_argument("--ks", type=int, nargs="+", default=[8, 64], help="k values to train")
-    p.add_argument("--recipes", nargs="+", default=["paper", "recommended"], choices=list(RECIPES))
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train rows used as queries")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed permutation")
-    p.add_argument("--runs", default="runs/recipe_val", help="where the models are written")
-    p.add_argument("--text-metrics", action="store_true", help="also kNN-10 accuracy and V-measure (text protocol)")
-    add_train_args(p)
-    args = p.parse_args(argv)
-    x = load_embeddings(Path(args.emb_dir) / "train_emb.npy")
-    y = load_labels(Path(args.emb_dir) / "train_labels.npy", len(x))
-    xdb, ydb, xq, yq = val_split(x, y, args.val_fraction, args.split_seed)
-    pca = PCA(min(x.shape[1], 2048)).fit(xdb)
-    rows = [{"method": "full", **scores(xdb, xq, ydb, yq, x.shape[1], args.text_metrics)}]
-    rows += [{"method": f"pca{k}", **scores(pca.transform(xdb, k), pca.transform(xq, k), ydb, yq, k, args.text_metrics)}
-             for k in args.ks]
-    for r in rows:
-        print(json.dumps(r), flush=True)
+def run_set(ps: PanelSet, args, candidate: str, mchange: dict, tchange: dict) -> list[dict]:
+    """Every (method, k) cell of one panel set, as dicts with set, method, k, top1 (, v_measure, dead)."""
+    x = load_embeddings(ps.folder / "train_emb.npy")
+    y = load_labels(ps.folder / "train_labels.npy", len(x))
+    xdb, ydb, xq, yq = val_split(x, y, ps.rows, args.val_fraction, args.split_seed)
+    sw = Sweep(Path(args.runs) / ps.name, xdb, ydb, xq, yq, progress=False, clustering=ps.text,
+               data_id=array_identity(xdb, ydb, xq, yq))
+    model_cfg, train_cfg = configs_from_args(argparse.Namespace(**{**vars(args), "recipe": "paper"}), x.shape[1])
+    cand_m, cand_t = configs_from_args(args, x.shape[1], xdb)
+    cand_m, cand_t = replace(cand_m, **mchange), replace(cand_t, **tchange)
+    mrl_cfg = MRLConfig(epochs=args.mrl_epochs, seed=args.seed)
+    cells = []
     for k in args.ks:
-        for recipe in args.recipes:
-            args.topk = k
-            mcfg, tcfg = apply_recipe(recipe, *configs_from_args(args, x.shape[1]), xdb, args.hidden_size is not None)
-            torch.manual_seed(tcfg.seed)
-            model = CSR(mcfg)
-            t0 = time.time()
-            summary = train(model, TrainData(xdb, ydb if tcfg.cl == "label" else None), tcfg,
-                            Path(args.runs) / f"{recipe}_k{k}", progress=False)
-            db = encode_array(model, xdb, k, progress=False, labels=ydb)
-            q = encode_array(model, xq, k, progress=False, labels=yq)
-            row = {"recipe": recipe, "k": k, **scores(db, q, ydb, yq, k, args.text_metrics),
-                   "dead": round(100 * dead_fraction(db), 1), "steps": summary["steps"],
-                   "train_s": round(time.time() - t0, 1)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    return rows
+        got = {"pca": sw.pca(k), "mrl_unsup": sw.mrl(k, mrl_cfg, supervised=False),
+               "paper": sw.csr(k, model_cfg, train_cfg, tag=f"paper_k{k}"),
+               candidate: sw.csr(k, cand_m, cand_t, tag=f"cand_k{k}")}
+        for method, r in got.items():
+            cells.append({"set": ps.name, "method": method, "k": k, "top1": r["top1"],
+                          **({"v_measure": r["v_measure"]} if ps.text else {}),
+                          **({"dead": 100 * r["dead_fraction"]} if "dead_fraction" in r else {}),
+                          **({"seconds": r.get("train_seconds", r.get("seconds"))})})
+    print(f"  {ps.name}: {len(xdb)} database / {len(xq)} query rows, d={x.shape[1]}; {sw.summary()}", flush=True)
+    return cells
+
+
+def compare(cells: list[dict], candidate: str, baseline: str, metric: str, tie: float) -> dict[str, Any]:
+    """Wins / ties / losses of `candidate` against `baseline` over every (set, k) where both have `metric`."""
+    by = {(c["set"], c["k"], c["method"]): c for c in cells}
+    gaps = [(by[s, k, candidate][metric] - by[s, k, baseline][metric], s, k)
+            for (s, k, m) in by if m == candidate and metric in by[s, k, m] and (s, k, baseline) in by]
+    wins = sum(g > tie for g, _, _ in gaps)
+    losses = sum(g < -tie for g, _, _ in gaps)
+    worst = min(gaps) if gaps else (float("nan"), "", 0)
+    return {"baseline": baseline, "metric": metric, "wins": wins, "ties": len(gaps) - wins - losses,
+            "losses": losses, "worst_gap": round(worst[0], 2), "worst_at": f"{worst[1]} k={worst[2]}"}
+
+
+def table(cells: list[dict], ks: list[int], methods: list[str], names: dict[str, str]) -> str:
+    rows = []
+    for s in dict.fromkeys(c["set"] for c in cells):
+        for m in methods:
+            line = {"set": s, "method": names.get(m, m)}
+            for k in ks:
+                c = next((c for c in cells if c["set"] == s and c["method"] == m and c["k"] == k), None)
+                line[str(k)] = "" if c is None else (f"{c['top1']:.2f}" + (f" / {c['v_measure']:.1f}" if "v_measure" in c else "")
+                                                     + (f" ({c['dead']:.0f}% dead)" if c.get("dead", 0) >= 10 else ""))
+            rows.append(line)
+    return markdown_table(rows, ["set", "method", *map(str, ks)])
+
+
+def summary_lines(cells: list[dict], candidate: str, tie: float) -> tuple[list[str], list[dict]]:
+    comps = [compare(cells, candidate, b, "top1", tie) for b in BASELINES]
+    if any("v_measure" in c for c in cells):
+        comps.append(compare(cells, candidate, "pca", "v_measure", tie))
+    lines = [f"{candidate} vs {BASELINES[c['baseline']]} ({'V-measure' if c['metric'] == 'v_measure' else 'top-1'}): "
+             f"{c['wins']} wins / {c['ties']} ties / {c['losses']} losses (|gap| <= {tie} is a tie), worst gap "
+             f"{c['worst_gap']:+.2f} at {c['worst_at']}" for c in comps]
+    dead = [(c["dead"], c["set"], c["k"]) for c in cells if c["method"] == candidate and "dead" in c]
+    if dead:
+        worst = max(dead)
+        lines.append(f"{candidate} dead latents: at most {worst[0]:.1f} % ({worst[1]} k={worst[2]})")
+    return lines, comps
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("panel")
+    g.add_argument("--sets", nargs="+", default=list(PANEL), help="panel sets, or name=FOLDER[:ROWS] of one's own")
+    g.add_argument("--text-sets", nargs="*", default=[], help="own sets to score as text (adds V-measure)")
+    g.add_argument("--ks", type=int, nargs="+", default=[2, 8, 16, 32, 64], help="k (active dims) of every cell")
+    g.add_argument("--try", dest="changes", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="changes to the candidate's model or train config (a lever tried on top of --recipe)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="share of a set's rows used as queries")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the row draw and the fixed permutation")
+    g.add_argument("--mrl-epochs", type=int, default=20, help="epochs of the label-free MRL adaptor (its recipe)")
+    g.add_argument("--tie", type=float, default=0.3, help="a gap of at most this many points is a tie")
+    g.add_argument("--runs", default="runs/panel", help="cache of the parts and models; the reports go here too")
+    add_train_args(p)  # its --recipe names the candidate; the paper row always uses the flags without a recipe
+    p.set_defaults(recipe="recommended")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    sets = parse_sets(args.sets, args.text_sets)
+    probe_m, probe_t = configs_from_args(argparse.Namespace(**{**vars(args), "recipe": "paper"}), 8)
+    mchange, tchange = parse_changes(args.changes, probe_m, probe_t)
+    candidate = args.recipe + "".join(f" {c}" for c in args.changes)
+    print(f"panel: {', '.join(s.name for s in sets)}; ks {args.ks}; candidate: {candidate}", flush=True)
+    cells = [c for ps in sets for c in run_set(ps, args, candidate, mchange, tchange)]
+    lines, comps = summary_lines(cells, candidate, args.tie)
+    report = "\n".join([f"Panel (validation splits of training rows), candidate `{candidate}`; 1-NN top-1 % "
+                        f"(text: top-1 / V-measure); command: python bench/recipe_val.py "
+                        + " ".join(sys.argv[1:] if argv is None else argv), "",
+                        table(cells, args.ks, ["pca", "mrl_unsup", "paper", candidate],
+                              {**BASELINES, candidate: f"CSR, {candidate}"}), "", *lines])
+    print("\n" + report)
+    print(f"panel done in {time.time() - t0:.0f}s wall")
+    tag = candidate.replace(" ", "_").replace("=", "-").replace("/", "_")
+    atomic_write_text(Path(args.runs) / f"panel_{tag}.md", report + "\n")
+    atomic_write_json(Path(args.runs) / f"panel_{tag}.json", {"candidate": candidate, "cells": cells,
+                                                               "comparisons": comps, "ks": args.ks})
+    return {"cells": cells, "comparisons": comps, "summary": lines, "report": report}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""ImageNet-scale dry run of the whole pipeline on one machine, every stage measured (csr/scale.py).
+"""ImageNet-scale dry run of the whole pipeline on one machine, every stage measured (the harness: bench/dry_run.py).
 
     nice -n 10 python bench/scale.py --work /work/scale-data --rows 100000      # a check (~10 min on 2 cores)
     nice -n 10 python bench/scale.py --work /work/scale-data                    # full size: 1,281,167 x 2048
@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from csr.cli import positive_int  # noqa: E402
 from csr.io import atomic_write_json, atomic_write_text  # noqa: E402
-from csr.scale import COLUMNS, IMAGENET_TRAIN, IMAGENET_VAL, DryRun, results_table, run_stage  # noqa: E402
+from bench.dry_run import COLUMNS, IMAGENET_TRAIN, IMAGENET_VAL, DryRun, results_table, run_stage  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ each ratio measured within a round, and GFLOP/s: the matmul's 2·B·d·hidden FL
 same FLOPs (its encoder forward) over the whole step's time (forward, losses, backward, Adam), i.e. how far a step is
 from the speed of its one dense matmul. `--dead-fraction` of the units start dead (a trained paper-recipe model
 has ~90 % dead at k = 8), so that AuxK runs as it does in training.
-The authors' step is written here exactly as DESIGN.md describes their code: three forward passes per step (k, 4k,
+The authors' step is written here exactly as the authors' reference code runs it: three forward passes per step (k, 4k,
 and k again as the second "view"), each with a dense [B, hidden] code, a dense decoder and AuxK, deadness counted
 per forward call, and the contrastive loss on 2B stacked rows.
 
@@ -48,7 +48,7 @@ from csr.train import Batches, TrainConfig, TrainData, make_scheduler, optimizer
 
 
 class ReferenceAE(nn.Module):
-    """The authors' tied top-k autoencoder as DESIGN.md describes it (dense codes, dense decoder)."""
+    """The authors' tied top-k autoencoder as their reference code runs it (dense codes, dense decoder)."""
 
     def __init__(self, d: int, hidden: int, auxk: int, dead_threshold: int):
         super().__init__()

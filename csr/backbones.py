@@ -260,9 +260,3 @@ def create_backbone(model_name: str | None, weights: str | None, img_size: int |
     cfg = dict(model.pretrained_cfg)
     bb = Backbone(model=model, model_name=name, weights=desc, preprocess=preprocess_from_config(cfg, img_size))
     return bb.set_channels_last(channels_last)
-
-
-def imagenet_class_name(index: int) -> str:
-    """Readable ImageNet-1k class name (timm's bundled synset list)."""
-    from timm.data import ImageNetInfo
-    return ImageNetInfo().index_to_description(index)

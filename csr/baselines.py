@@ -12,7 +12,7 @@ The MRL-at-d representation is always the first d dims of one shared representat
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ def truncate(x: np.ndarray, d: int) -> np.ndarray:
 
 
 class PCA:
-    """PCA fit on the train split (centred by its mean; components from the SVD, largest variance first)."""
+    """PCA fit on the train split: centred by its mean; the components are the eigenvectors of the covariance
+    (`np.linalg.eigh`), largest variance first."""
 
     def __init__(self, max_dim: int):
         self.max_dim = max_dim
@@ -202,7 +203,3 @@ def mrl_transform(model: MRLAdaptor, x: np.ndarray, d: int, batch: int = 65536) 
     for s in range(0, len(x), batch):
         out[s:s + batch] = model(torch.from_numpy(np.array(x[s:s + batch], dtype=np.float32)).to(dev))[:, :d].cpu().numpy()
     return out
-
-
-def mrl_config_dict(cfg: MRLConfig) -> dict:
-    return asdict(cfg)

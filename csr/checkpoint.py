@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from csr.io import CSRError, atomic_path, check_writable, code_version, warn
@@ -15,22 +16,51 @@ from csr.model import CSR, CSRConfig
 FORMAT = "csr-checkpoint-v1"
 
 
+def plain(obj: Any, where: str = "checkpoint") -> Any:
+    """`obj` as only what `torch.load(weights_only=True)` accepts: tensors, numbers, strings, None and
+    dicts/lists/tuples of them. Paths become strings and numpy scalars numbers; anything else is an error, so
+    no checkpoint we write needs code to be unpickled."""
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {plain(k, where): plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    raise CSRError(f"{where}: a {type(obj).__name__} cannot be stored in a checkpoint (only tensors, numbers, "
+                   f"strings and containers of them load safely)")
+
+
 def save_checkpoint(path: str | os.PathLike, model: CSR, **extra: Any) -> None:
-    """Atomically write a checkpoint (`extra`: optimizer, scheduler, epoch, step, args, complete...)."""
-    state = {"format": FORMAT, "config": model.cfg.to_dict(), "state_dict": model.state_dict(),
-             "code_version": code_version(), **extra}
+    """Atomically write a checkpoint (`extra`: optimizer, scheduler, epoch, step, args, complete...) holding
+    plain types only (see `plain`), so `read_checkpoint` can load it without running any code."""
+    state = plain({"format": FORMAT, "config": model.cfg.to_dict(), "state_dict": model.state_dict(),
+                   "code_version": code_version(), **extra})
     with atomic_path(path, suffix=".tmp.pt") as tmp:
         torch.save(state, tmp)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate a checkpoint dict; truncated or foreign files give a one-line CSRError."""
+    """Load and validate a checkpoint dict; truncated or foreign files give a one-line CSRError.
+
+    Loaded with `weights_only=True`: a file whose pickle would build any other object (and so could run code,
+    e.g. a downloaded `csr.pt`) is refused before anything in it is created."""
     path = Path(path)
     if not path.exists():
         raise CSRError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            what = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), "")
+            raise CSRError(f"{path}: refused: the checkpoint holds objects other than tensors and plain types, "
+                           f"and loading it could run code ({what or 'not a weights-only file'})") from None
+        raise CSRError(f"{path}: not a readable checkpoint (truncated or corrupt: {str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CSRError(f"{path}: not a readable checkpoint (truncated or corrupt: {str(e).splitlines()[0]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "config" not in ckpt:
         raise CSRError(f"{path}: not a CSR checkpoint (no '{FORMAT}' config)")
@@ -41,9 +71,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                unfinished: str = "error") -> tuple[CSR, dict[str, Any]]:
     """Rebuild the model from a checkpoint's own config (shapes are never repeated on the command line).
 
-    A checkpoint of an unfinished run (`last.pt`, an epoch checkpoint: training progress but no `complete` flag;
-    a model saved outside a training loop has neither) is an error, or a
-    warning with `unfinished="warn"`; weights with NaN/Inf are always an error naming the checkpoint."""
+    A checkpoint of an unfinished run (`last.pt`, an epoch checkpoint: training progress but no `complete` flag,
+    and not of the run's last epoch or step; a model saved outside a training loop has neither) is an error, or
+    a warning with `unfinished="warn"`; weights with NaN/Inf are always an error naming the checkpoint."""
     ckpt = read_checkpoint(path)
     try:
         model = CSR(CSRConfig.from_dict(ckpt["config"]))
@@ -51,13 +81,23 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     except (RuntimeError, ValueError, TypeError, KeyError) as e:
         raise CSRError(f"{path}: checkpoint weights do not match its config ({str(e).splitlines()[0]})") from None
     check_finite_weights(model, path)
-    if "epoch" in ckpt and not ckpt.get("complete"):  # written by a training loop that did not finish
+    tc = ckpt.get("train_config") or {}
+    finished = ckpt.get("complete") or run_finished(ckpt, tc.get("epochs"), tc.get("max_steps", 0))
+    if "epoch" in ckpt and not finished:  # written by a training loop that did not finish
         what = (f"{path}: checkpoint of an unfinished run (epoch {ckpt['epoch']}, step {ckpt.get('step')}), "
                 f"not a finished model")
         if unfinished == "error":
             raise CSRError(f"{what}; finish the run with --resume or pass its csr.pt")
         warn(what)
     return model.to(device).eval(), ckpt
+
+
+def run_finished(ckpt: dict[str, Any], epochs: int | None, max_steps: int = 0) -> bool:
+    """Whether a training checkpoint (`last.pt`, an epoch checkpoint) holds the last epoch of a run of `epochs`
+    epochs (or its `max_steps`-th step): its weights are then the finished model's."""
+    if "epoch" not in ckpt or not epochs:
+        return False
+    return ckpt["epoch"] + 1 >= epochs or bool(max_steps and ckpt.get("step", 0) >= max_steps)
 
 
 def check_finite_weights(model: torch.nn.Module, path: Any) -> None:

@@ -106,6 +106,14 @@ def unit_interval(s: str) -> float:
     return v
 
 
+def adam_beta(s: str) -> float:
+    """An Adam/AdamW beta: a number in [0, 1) (1 or more never forgets, a negative one is meaningless)."""
+    v = fraction(s)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s!r}")
+    return v
+
+
 def fraction(s: str) -> float:
     """A float that may be written as a fraction, e.g. `1/32`."""
     try:
@@ -141,8 +149,27 @@ def precision_from_args(value: str, device: str = "auto", say: bool = True) -> s
     return chosen
 
 
-def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "self") -> None:
-    """The CSR model / optimisation / contrastive / runtime flags shared by every training script.
+def schedule_name(s: str) -> str:
+    """An LR schedule: `constant` (open_clip's spelling `const` too) or `cosine`."""
+    return "constant" if s == "const" else s
+
+
+def resume_value(s: str) -> bool | str:
+    """`--resume`: a boolean (True = continue OUT/last.pt when it exists), `latest` (open_clip's spelling of
+    True) or the path of a checkpoint to continue from (which must exist)."""
+    if s == "latest":
+        return True
+    try:
+        return str2bool(s)
+    except argparse.ArgumentTypeError:
+        return s
+
+
+def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "self",
+                   precision_flag: str = "--precision") -> None:
+    """The CSR model / optimisation / contrastive / runtime flags shared by every training script: the one
+    definition of them (a script with other defaults calls `p.set_defaults`, one with other spellings
+    `add_aliases`).
 
     Defaults are the paper's recipe (main_visual.py of the reference); deviations are flags, off by default.
     """
@@ -162,9 +189,10 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
                         "--resample-every 14 --resample-until 0.9; signed -> --cl none; both: hidden size capped "
                         "at one unit per 4 rows (csr/recipes.py). +labels: --cl label --cl_coef 1. Applied on top "
                         "of the other flags")
-    m.add_argument("--encoder-init", "--encoder_init", dest="encoder_init", default="random", choices=["random", "data"],
-                   help="encoder (and untied decoder) rows: random (reference) or data = centred, unit-norm training "
-                        "rows, so that every unit starts alive")
+    m.add_argument("--encoder-init", "--encoder_init", dest="encoder_init", default="random", choices=["random", "data", "pca"],
+                   help="encoder (and untied decoder) rows: random (reference); data = centred, unit-norm training "
+                        "rows, so that every unit starts alive; pca = ±principal directions around b_pre, so that "
+                        "training starts from PCA's information at every k")
     m.add_argument("--bpre-init", "--bpre_init", dest="bpre_init", default="zeros",
                    choices=["zeros", "mean", "geometric_median"], help="initial pre-encoder bias b_pre")
     m.add_argument("--k-start", "--k_start", dest="k_start", type=nonneg_int, default=0,
@@ -188,8 +216,8 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
                    help="stop after this many optimiser steps (0 = all epochs)")
     o.add_argument("--wd", type=nonneg_float, default=0.0, help="Adam weight decay")
     o.add_argument("--adam-eps", type=positive_float, default=6.25e-10, help="Adam epsilon (reference: 6.25e-10)")
-    o.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
-                   help="LR schedule (reference: constant, a StepLR with gamma 1)")
+    o.add_argument("--schedule", type=schedule_name, default="constant", choices=["constant", "cosine"],
+                   help="LR schedule (reference: constant, a StepLR with gamma 1; const = constant)")
     o.add_argument("--warmup-steps", type=nonneg_int, default=0, help="linear LR warm-up steps")
     o.add_argument("--grad-clip", "--grad-clip-norm", dest="grad_clip", type=nonneg_float, default=0.0,
                    help="clip the gradient norm (0 = off)")
@@ -211,10 +239,33 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
     r.add_argument("--gpu", type=nonneg_int, default=None, help="CUDA device index for a single-process run")
     bool_flag(r, "--use_ddp", "--use-ddp", default=False, help="DistributedDataParallel under torchrun")
     bool_flag(r, "--amp", default=True, help="bfloat16 autocast of the loss arithmetic on CUDA")
-    add_precision_arg(r)
-    bool_flag(r, "--resume", default=False, help="continue a killed run from OUT/last.pt")
+    add_precision_arg(r, precision_flag, dest=precision_flag.lstrip("-").replace("-", "_"))
+    r.add_argument("--resume", type=resume_value, nargs="?", const=True, default=False, metavar="BOOL|latest|PATH",
+                   help="continue a killed run from OUT/last.pt (True or latest) or from a checkpoint PATH, or a "
+                        "finished one when --epochs asks for more (a finished run has nothing to resume otherwise; "
+                        "default False)")
     bool_flag(r, "--overwrite", default=False, help="start over in an existing OUT (its csr.pt, last.pt, log.jsonl are replaced)")
     bool_flag(r, "--keep-epochs", default=False, help="keep a checkpoint of every epoch (OUT/epochNNN.pt)")
+
+
+def add_aliases(p: argparse.ArgumentParser, aliases: dict[str, Sequence[str]], title: str, about: str) -> None:
+    """More spellings of flags already on `p` (e.g. the paper's names in one script): `aliases` maps a flag's
+    dest to its other option strings, which parse the same way into the same dest. Listed in their own group."""
+    actions = {a.dest: a for a in p._actions}
+    g = p.add_argument_group(title, about)
+    for dest, names in aliases.items():
+        a = actions[dest]
+        g.add_argument(*names, dest=dest, type=a.type, nargs=a.nargs, const=a.const, choices=a.choices,
+                       metavar=a.metavar, default=argparse.SUPPRESS, help=f"= {a.option_strings[0]}")
+
+
+def reject_unused(p: argparse.ArgumentParser, args: argparse.Namespace, why: dict[str, str]) -> None:
+    """Shared flags this script does not use must keep their defaults: `why` maps a dest to what to use
+    instead; a changed one is a one-line error."""
+    for dest, instead in why.items():
+        if getattr(args, dest) != p.get_default(dest):
+            raise CSRError(f"{p.prog}: {'/'.join(a.option_strings[0] for a in p._actions if a.dest == dest)} "
+                           f"is not used here: {instead}")
 
 
 def configs_from_args(args: argparse.Namespace, input_dim: int, x=None):
@@ -227,7 +278,7 @@ def configs_from_args(args: argparse.Namespace, input_dim: int, x=None):
     try:
         model_cfg = CSRConfig(input_dim=input_dim, hidden_size=hidden, topk=args.topk, auxk=args.auxk,
                               dead_threshold=args.dead_threshold, tied=args.tied, normalize=args.normalize,
-                              precision=precision_from_args(args.precision, args.device))
+                              precision=precision_from_args(getattr(args, "csr_precision", args.precision), args.device))
     except ValueError as e:
         raise CSRError(str(e)) from None
     train_cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
@@ -264,7 +315,7 @@ def train_from_args(args: argparse.Namespace, emb_path: str, out_dir: str, pair_
     out = prepare_run_dir(out_dir, args.overwrite, args.resume)
     x = load_embeddings(emb_path)
     lab_path = Path(labels_path) if labels_path else labels_path_for(emb_path)
-    need_labels = args.use_CL and args.cl == "label"
+    need_labels = bool(labels_path) or (args.use_CL and args.cl == "label")  # a path given must exist
     labels = load_labels(lab_path, x.shape[0], required=need_labels)
     x_pair = None
     if pair_path:
@@ -276,8 +327,7 @@ def train_from_args(args: argparse.Namespace, emb_path: str, out_dir: str, pair_
     if args.overwrite and not args.resume and rt.is_main:
         clear_run_dir(out)
     try:
-        torch.manual_seed(train_cfg.seed)
-        model = CSR(model_cfg)
+        model = CSR.seeded(model_cfg, train_cfg.seed)
         if rt.is_main:
             print(f"data: {emb_path} {tuple(x.shape)} {x.dtype}" + (f", labels {lab_path}" if labels is not None else ""))
             print(f"model: {model_cfg}")

@@ -141,8 +141,14 @@ def load_clip(model: str, pretrained: str | None, device: torch.device | str = "
         clip, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=weights, force_quick_gelu=quick_gelu, pretrained_text=False, **preprocess_cfg)
     except (RuntimeError, KeyError, ValueError) as e:
-        why = str(e).splitlines()[0][:300]
+        why = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise CSRError(f"--pretrained {pretrained}: weights do not fit {name} ({why})") from None
+    except Exception as e:  # noqa: BLE001 - open_clip fails on a foreign file in many ways (EOFError,
+        if weights is None:  # IndexError, StopIteration, AttributeError, UnpicklingError): each names the file
+            raise
+        why = (str(e).splitlines() or [""])[0].split(". ")[0][:120]
+        raise CSRError(f"--pretrained {pretrained}: not a CLIP weights file for {name} "
+                       f"({type(e).__name__}{': ' + why if why else ''})") from None
     device = torch.device(device)
     clip = clip.to(device).eval().requires_grad_(False)
     embed_dim = int(open_clip.get_model_config(name)["embed_dim"])

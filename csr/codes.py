@@ -1,5 +1,5 @@
 """Sparse code files (`*_codes.npz`): the `[N, k]` (indices, values) of top-k codes with their hidden size and
-optional labels, validated on load and written atomically (the file contract of DESIGN.md)."""
+optional labels, validated on load and written atomically (the file contract between stages; csr/io.py holds the rest of it)."""
 from __future__ import annotations
 
 import os

@@ -1,8 +1,13 @@
-"""torchrun / DDP plumbing: one place that knows about ranks, devices and the process group."""
+"""torchrun / DDP plumbing: the one place that knows about ranks, devices and the process group.
+
+The rest of the library reaches torch.distributed only through the functions here (set-up and clean-up, the
+collectives it needs: all-reduce, broadcast, all-gather of rows, broadcast of a Python object); each is a no-op
+(or returns its input) when no process group is initialised."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -76,6 +81,23 @@ def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.broadcast(t.data, src)
     return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` (any picklable value) on every rank; `obj` itself without DDP."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def group() -> tuple[int, int, torch.device]:
+    """(world size, rank, the device collectives run on) of the initialised process group: this rank's CUDA
+    device under NCCL, the CPU under gloo."""
+    nccl = dist.get_backend() == "nccl"
+    return dist.get_world_size(), dist.get_rank(), torch.device("cuda", torch.cuda.current_device()) if nccl \
+        else torch.device("cpu")
 
 
 def barrier() -> None:

@@ -26,7 +26,7 @@ import torch
 from csr.backbones import Backbone
 from csr.distributed import barrier
 from csr.io import (CSRError, NpyWriter, atomic_path, atomic_save_npy, atomic_write_json, check_file, check_output,
-                    info, labels_path_for, load_embeddings, load_labels, write_sidecar)
+                    info, labels_path_for, load_embeddings, load_labels, read_json, write_sidecar)
 
 SHARD_RE = re.compile(r"^emb_(\d{5,})\.npy$")
 MANIFEST = "manifest.json"
@@ -301,7 +301,23 @@ def _prepare_shard_dir(sdir: Path, mpath: Path, manifest: dict[str, Any], overwr
 
 
 def _shard_info(sdir: Path, s: int) -> dict[str, Any]:
-    return json.loads((sdir / f"shard_{s:05d}.json").read_text())
+    """A shard's record (`rows`, `skipped`); a corrupt one is an error naming it."""
+    path = sdir / f"shard_{s:05d}.json"
+    rec = read_json(path, "shard record")
+    if not isinstance(rec, dict) or not isinstance(rec.get("rows"), int) or not isinstance(rec.get("skipped"), list):
+        raise CSRError(f"{path}: not a shard record (needs 'rows' and 'skipped')")
+    return rec
+
+
+def _manifest(sdir: Path) -> dict[str, Any]:
+    """The shard directory's manifest.json ({} when there is none); a corrupt one is an error naming it."""
+    path = sdir / MANIFEST
+    if not path.exists():
+        return {}
+    man = read_json(path, "shard manifest")
+    if not isinstance(man, dict):
+        raise CSRError(f"{path}: expected a JSON object, got a list")
+    return man
 
 
 def _shard_complete(sdir: Path, s: int, expected: int) -> bool:
@@ -313,7 +329,7 @@ def _shard_complete(sdir: Path, s: int, expected: int) -> bool:
         rows = _shard_info(sdir, s)["rows"]
         e = np.load(emb, mmap_mode="r")
         lb = np.load(lab, mmap_mode="r")
-    except (ValueError, OSError, KeyError, json.JSONDecodeError):
+    except (ValueError, OSError, CSRError):
         return False
     return e.shape[0] == lb.shape[0] == rows and rows + len(_shard_info(sdir, s)["skipped"]) == expected
 
@@ -330,9 +346,7 @@ def list_shards(shard_dir: str | Path) -> list[tuple[int, Path, Path]]:
     if not found:
         raise CSRError(f"{sdir}: no shard files emb_NNNNN.npy")
     idx = [i for i, _ in found]
-    expected = None
-    if (sdir / MANIFEST).exists():
-        expected = json.loads((sdir / MANIFEST).read_text()).get("num_shards")
+    expected = _manifest(sdir).get("num_shards")
     want = list(range(expected if expected is not None else idx[-1] + 1))
     missing = sorted(set(want) - set(idx))
     if missing:
@@ -362,9 +376,8 @@ def _load_shard(path: Path) -> np.ndarray:
 def stack_shards(shard_dir: str | Path, out_path: str | Path, overwrite: bool = False, chunk: int = 65536
                  ) -> tuple[Path, int, int]:
     """Merge `emb_*.npy`/`labels_*.npy` shards into `out_path` + labels + sidecar (memory-mapped, atomic)."""
-    out_path = check_output(out_path, overwrite)
     lab_out = labels_path_for(out_path)
-    check_output(lab_out, overwrite)
+    out_path = check_output(out_path, overwrite, also=[lab_out], sidecar=True)
     shards = list_shards(shard_dir)
     arrays = []
     dim = dtype = None
@@ -378,6 +391,10 @@ def stack_shards(shard_dir: str | Path, out_path: str | Path, overwrite: bool = 
         elif e.dtype != dtype:
             raise CSRError(f"{emb}: dtype {e.dtype} but earlier shards have {dtype}")
         arrays.append((e, lb))
+    sdir = Path(shard_dir)  # every record is read before anything is written
+    meta = {k: v for k, v in _manifest(sdir).items() if k not in PROVENANCE + ("n", "d")}
+    skipped = [m for i, _, _ in shards if (sdir / f"shard_{i:05d}.json").exists()
+               for m in _shard_info(sdir, i)["skipped"]]
     n = sum(e.shape[0] for e, _ in arrays)
     with NpyWriter(out_path, (n, dim), dtype) as w:
         pos = 0
@@ -386,13 +403,6 @@ def stack_shards(shard_dir: str | Path, out_path: str | Path, overwrite: bool = 
                 w.write(pos + s, np.asarray(e[s:s + chunk]))
             pos += e.shape[0]
     atomic_save_npy(lab_out, np.concatenate([lb for _, lb in arrays]))
-    sdir = Path(shard_dir)
-    meta: dict[str, Any] = {}
-    if (sdir / MANIFEST).exists():
-        meta = {k: v for k, v in json.loads((sdir / MANIFEST).read_text()).items()
-                if k not in PROVENANCE + ("n", "d")}
-    skipped = [m for i, _, _ in shards if (sdir / f"shard_{i:05d}.json").exists()
-               for m in _shard_info(sdir, i)["skipped"]]
     write_sidecar(out_path, n=n, d=dim, emb_dtype=str(dtype), shards=len(shards), shard_dir=str(sdir.resolve()),
                   labels_file=lab_out.name, skipped=len(skipped), skipped_files=skipped[:100], **meta)
     return out_path, n, dim

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from csr.fashion_mnist import DEFAULT_SOURCE, load_split
-from csr.io import CSRError
+from csr.io import CSRError, check_output
 
 CLASS_WORDS = ("t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                "ankle boot")
@@ -187,9 +187,7 @@ def build_fixtures(out: str | os.PathLike, n_train: int = 4096, per_shard: int =
                    source: str | os.PathLike = DEFAULT_SOURCE, seed: int = 0,
                    overwrite: bool = False) -> dict[str, Any]:
     """Write every fixture under `out` (atomically, as one directory); returns the paths (also in fixtures.json)."""
-    out, source = Path(out), Path(source)
-    if out.exists() and not overwrite:
-        raise CSRError(f"{out} exists; pass --overwrite to replace it")
+    out, source = check_output(out, overwrite), Path(source)  # writable, not clobbered: before any reading
     if not source.is_dir():
         raise CSRError(f"--source {source}: not found (apt-get install dataset-fashion-mnist)")
     if n_train < 1 or n_eval < 1 or per_shard < 1:

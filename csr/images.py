@@ -119,9 +119,6 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def name_of(self, index: int) -> str:
-        return self.samples[index][0]
-
     def describe(self) -> dict[str, Any]:
         return {"format": self.kind, "path": str(self.root.resolve()), "images": len(self),
                 "classes": self.classes}
@@ -193,9 +190,6 @@ class FFCVSource:
 
     def __len__(self) -> int:
         return self.n
-
-    def name_of(self, index: int) -> str:
-        return f"{self.path}[{index}]"
 
     def describe(self) -> dict[str, Any]:
         return {"format": self.kind, "path": str(self.path.resolve()), "images": self.n,

@@ -1,4 +1,4 @@
-"""File contract between stages: atomic writes, embeddings, labels, sidecars, sparse codes.
+"""File contract between stages: atomic writes, embeddings, labels, neighbours, sidecars (sparse codes: csr/codes.py).
 
 Every writer goes through `atomic_path`: data is written to a temporary file beside the target and renamed
 into place only when complete, so a crashed stage never leaves a file the next stage would read as valid.
@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -119,13 +119,38 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def check_output(path: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> Path:
-    """Refuse to clobber an existing output unless `overwrite`; check that `path` can be written at all."""
+def check_output(path: str | os.PathLike, overwrite: bool, flag: str = "--overwrite",
+                 also: Iterable[str | os.PathLike] = (), sidecar: bool = False) -> Path:
+    """Before any work: refuse to clobber an existing output unless `overwrite`, and check that `path` can be
+    written at all. `also`: every other file the stage writes beside `path` (scores, labels), checked the same
+    way; `sidecar`: the stage writes `sidecar_path(path)` too, which is checked as well and is never replaced
+    when it describes another file (another stage's output of the same name), whatever `overwrite` says."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise CSRError(f"{path} exists; pass {flag} to replace it")
     check_writable(path.parent, path)
+    others = [Path(p) for p in also]
+    if sidecar:
+        side = sidecar_path(path)
+        owner = _sidecar_owner(side)
+        if owner is not None and owner != path.name:
+            raise CSRError(f"{side} is the sidecar of {side.parent / owner}, which {path} would replace; choose "
+                           f"another name")
+        others.append(side)
+    for p in (path, *others):
+        if p.exists() and not overwrite:
+            raise CSRError(f"{p} exists; pass {flag} to replace it")
     return path
+
+
+def _sidecar_owner(side: Path) -> str | None:
+    """The `file` an existing sidecar describes (None: no sidecar, or not one of ours)."""
+    if not side.is_file():
+        return None
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return None
+    owner = meta.get("file") if isinstance(meta, dict) else None
+    return owner if isinstance(owner, str) else None
 
 
 def check_writable(folder: str | os.PathLike, target: str | os.PathLike | None = None) -> Path:
@@ -239,7 +264,8 @@ def _open_npy(path: Path, what: str, mmap: bool) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise CSRError(f"{path}: not a readable .npy {what} file ({str(e).splitlines()[0]})") from None
+        why = "not an array: a pickle, or not a .npy file" if "pickled" in str(e) else str(e).splitlines()[0]
+        raise CSRError(f"{path}: not a readable .npy {what} file ({why})") from None
     if not isinstance(arr, np.ndarray):
         raise CSRError(f"{path}: not a .npy {what} file (an .npz archive?)")
     return arr
@@ -307,7 +333,23 @@ def load_neighbors(path: str | os.PathLike) -> np.ndarray:
         raise CSRError(f"{path}: neighbours must be integer database indices, got {nn.dtype}")
     if nn.shape[0] == 0 or nn.shape[1] == 0:
         raise CSRError(f"{path}: empty neighbour lists, shape {nn.shape}")
+    ranked = np.sort(nn, axis=1)
+    dup = (ranked[:, 1:] == ranked[:, :-1]).any(axis=1)
+    if dup.any():
+        row = int(np.flatnonzero(dup)[0])
+        twice = ranked[row, 1:][ranked[row, 1:] == ranked[row, :-1]][0]
+        raise CSRError(f"{path}: row {row} lists database id {int(twice)} twice ({int(dup.sum())} of {len(nn)} rows "
+                       f"repeat an id); every metric would count a repeated item more than once")
     return nn
+
+
+def check_neighbor_ids(nn: np.ndarray, path: Any, n_db: int, db_labels: Any) -> None:
+    """Every neighbour id must index the database, whose size is that of its labels file `db_labels`."""
+    bad = (nn < 0) | (nn >= n_db)
+    if bad.any():
+        row, col = (int(v[0]) for v in np.nonzero(bad))
+        raise CSRError(f"{path}: neighbour id {int(nn[row, col])} (row {row}) is outside the database of {n_db} "
+                       f"rows labelled by {db_labels}; were these neighbours searched in another database?")
 
 
 def load_labels(path: str | os.PathLike, n: int | None = None, required: bool = True) -> np.ndarray | None:

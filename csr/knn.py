@@ -3,16 +3,17 @@
 Backends: `faiss` (dense vectors: raw embeddings, truncations, PCA, or densified codes that fit in RAM),
 `sparse` (codes: the fast engine of csr/sparse_knn.py) and `scipy` (codes: a plain sparse-matmul reference).
 Every backend returns the same `(indices int64 [Nq, K], scores float32 [Nq, K])` for the same inputs.
-Also here, used by every backend and both sparse engines: the input checks (`check_pair`, `check_k`) and the
-exact top-K selection of a dense score block (`topk_lowest_index` on torch tensors, `select_topk` on numpy).
+The input checks and the exact top-K selection they share are in csr/topk.py; `distributed_search` splits the
+database across torch.distributed processes (through csr/distributed.py) and merges the top-K lists exactly.
 """
 from __future__ import annotations
 
 import numpy as np
 from tqdm import tqdm
 
-from csr.codes import SparseCodes, validate_codes
+from csr.codes import SparseCodes
 from csr.io import CSRError, warn
+from csr.topk import check_hidden_size, check_k, select_topk
 
 BACKENDS = ("faiss", "sparse", "scipy")
 
@@ -20,64 +21,6 @@ BACKENDS = ("faiss", "sparse", "scipy")
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
-
-
-def require_codes(codes, name: str) -> None:
-    """`codes` must be SparseCodes; `name` ("queries", "database") is what the error calls them."""
-    if not isinstance(codes, SparseCodes):
-        raise CSRError(f"{name} must be SparseCodes, got {type(codes).__name__}")
-
-
-def check_hidden_size(queries: SparseCodes, hidden_size: int) -> None:
-    """Query codes must use the database's `hidden_size` units."""
-    if queries.hidden_size != hidden_size:
-        raise CSRError(f"queries have hidden size {queries.hidden_size} but the database has {hidden_size}")
-
-
-def check_k(K: int, n_db: int) -> None:
-    """K must be an integer in [1, n_db] (the database size)."""
-    if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or not 1 <= K <= n_db:
-        raise CSRError(f"K must be an integer in [1, {n_db}] (the database size), got {K!r}")
-
-
-def check_pair(queries: SparseCodes, hidden_size: int, n_db: int, K: int) -> None:
-    """Validate queries against a database of `n_db` codes over `hidden_size` units, and K."""
-    require_codes(queries, "queries")
-    check_hidden_size(queries, hidden_size)
-    validate_codes(queries.indices, queries.values, queries.hidden_size, "query codes")
-    check_k(K, n_db)
-
-
-def topk_lowest_index(scores, K: int):
-    """Torch top-K along dim 1 with ties broken by lowest column index; returns (indices, scores) best first.
-
-    `torch.topk` picks arbitrary columns among scores tied with the K-th; only rows where such a tie reaches
-    past rank K are redone exactly (all columns above the K-th score, then the lowest tied columns)."""
-    import torch
-    vals, cols = torch.topk(scores, K, dim=1, sorted=False)
-    kth = vals.min(dim=1, keepdim=True).values
-    tied_rows = ((scores >= kth).sum(dim=1) != K).nonzero()[:, 0]
-    if tied_rows.numel():
-        sub, kt = scores[tied_rows], kth[tied_rows]
-        above = sub > kt
-        tie = sub == kt
-        need = K - above.sum(dim=1, keepdim=True)
-        take = above | (tie & (torch.cumsum(tie, dim=1, dtype=torch.int32) <= need))
-        cols[tied_rows] = take.nonzero()[:, 1].view(-1, K)  # row-major: columns ascending within a row
-    cols = torch.sort(cols, dim=1).values
-    vals = scores.gather(1, cols)
-    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
-    return cols.gather(1, order), vals.gather(1, order)
-
-
-def select_topk(scores: np.ndarray, K: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Top-K of each row of a dense numpy score block, sorted by (-score, column); columns shifted by `offset`.
-    `topk_lowest_index` on the CPU; a K above the row length returns every column."""
-    import torch
-    if not scores.flags.writeable or min(scores.strides, default=0) < 0:
-        scores = scores.copy()  # torch.from_numpy needs a writable array with non-negative strides
-    idx, vals = topk_lowest_index(torch.from_numpy(scores), min(K, scores.shape[1]))
-    return idx.numpy() + offset, vals.numpy().astype(np.float32)
 
 
 def clip_k(K: int, n_db: int, flag: str = "-K") -> int:
@@ -184,9 +127,9 @@ def distributed_search(queries, database, K: int, backend: str = "sparse", progr
     (`merge_topk`). Every rank returns the same `(indices, scores)` as `search` over the whole database, bit
     for bit: the sparse engine's dense units are chosen from the whole database's unit counts."""
     import torch
-    import torch.distributed as dist
-    world, rank = dist.get_world_size(), dist.get_rank()
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    from csr import distributed
+    world, rank, device = distributed.group()
     n = database.n if isinstance(database, SparseCodes) else database.shape[0]
     check_k(K, n)
     lo, hi = slice_bounds(n, world, rank)
@@ -197,8 +140,7 @@ def distributed_search(queries, database, K: int, backend: str = "sparse", progr
     hot = None
     if codes and backend == "sparse":  # the whole database's dense units, so scores sum in the same order
         from csr.sparse_knn import build_index, choose_hot_units, unit_counts
-        df = torch.from_numpy(unit_counts(part, threads)).to(device)
-        dist.all_reduce(df)
+        df = distributed.all_reduce_(torch.from_numpy(unit_counts(part, threads)).to(device))
         hot = choose_hot_units(df.cpu().numpy(), n)
     idx = np.zeros((nq, K), dtype=np.int64)
     sc = np.full((nq, K), -np.inf, dtype=np.float32)  # padding when a slice holds fewer than K rows
@@ -212,8 +154,8 @@ def distributed_search(queries, database, K: int, backend: str = "sparse", progr
         i, s = search(queries, part, kr, backend, progress=progress and rank == 0, batch_size=batch_size,
                       threads=threads)
         idx[:, :kr], sc[:, :kr] = i + lo, s
-    gathered_i = [torch.empty((nq, K), dtype=torch.int64, device=device) for _ in range(world)]
-    gathered_s = [torch.empty((nq, K), dtype=torch.float32, device=device) for _ in range(world)]
-    dist.all_gather(gathered_i, torch.from_numpy(idx).to(device))
-    dist.all_gather(gathered_s, torch.from_numpy(sc).to(device))
-    return merge_topk(torch.cat(gathered_i, 1).cpu().numpy(), torch.cat(gathered_s, 1).cpu().numpy(), K)
+    # every rank's [nq, K] lists side by side: [nq, world * K] candidates (merge_topk ignores their order)
+    gathered_i = distributed.gather_rows(torch.from_numpy(idx).to(device))[0].view(world, nq, K)
+    gathered_s = distributed.gather_rows(torch.from_numpy(sc).to(device))[0].view(world, nq, K)
+    return merge_topk(gathered_i.permute(1, 0, 2).reshape(nq, -1).cpu().numpy(),
+                      gathered_s.permute(1, 0, 2).reshape(nq, -1).cpu().numpy(), K)

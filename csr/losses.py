@@ -12,10 +12,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from csr.distributed import gather_rows
+from csr.distributed import all_reduce_, gather_rows
 from csr.io import CSRError
 from csr.model import dense_code
 
@@ -31,9 +30,9 @@ def batch_variance(x: torch.Tensor, group_reduce: bool = False) -> torch.Tensor:
         x = x.float()
         s = torch.stack([x.sum(0), (x * x).sum(0)])  # [2, d]
         n = torch.tensor(float(x.shape[0]), device=x.device)
-        if group_reduce and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(s)
-            dist.all_reduce(n)
+        if group_reduce:
+            all_reduce_(s)
+            all_reduce_(n)
         mean = s[0] / n
         var = (s[1] / n - mean * mean).clamp_min(0)
         return var.mean().clamp_min(1e-12)

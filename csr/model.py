@@ -139,6 +139,14 @@ class CSR(nn.Module):
         # training steps since each unit last fired in a top-k code (reference name: stats_last_nonzero)
         self.register_buffer("stats_last_nonzero", torch.zeros(h, dtype=torch.long))
 
+    @classmethod
+    def seeded(cls, cfg: CSRConfig, seed: int) -> "CSR":
+        """A new model whose initial weights depend on (cfg, seed) only, not on what used the global RNG before
+        (the same weights as `torch.manual_seed(seed); CSR(cfg)`, without touching the global RNG)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(cfg)
+
     # ---------------------------------------------------------------- pieces
     @property
     def W_dec(self) -> torch.Tensor:

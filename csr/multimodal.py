@@ -113,7 +113,7 @@ def make_optimizer(model: CSR, lr: float, wd: float, betas: tuple[float, float],
 def train_multimodal(model: CSR, source: OnlineFeatures | CachedFeatures, cfg: TrainConfig, out_dir: str | Path,
                      rt: Runtime, logit_scale: float, cl_on: str = "recon", save_frequency: int = 1,
                      betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, extra: dict[str, Any] | None = None,
-                     resume: str | None = None, progress: bool = True) -> dict[str, Any]:
+                     resume: bool | str | None = None, progress: bool = True) -> dict[str, Any]:
     """Train the shared CSR on (image, text) feature batches from `source` with `csr.train.train`.
 
     Writes `out_dir/epoch_{E}.pt` every `save_frequency` epochs and at the end, `out_dir/last.pt` after every

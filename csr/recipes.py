@@ -15,7 +15,7 @@ from csr.train import TrainConfig
 # measured properties of the training rows, never to a data set's name (choices made on validation splits of the
 # training rows, README "Results"):
 # - non-negative features (post-ReLU CNN embeddings) share a large common mean, which leaves most units dead with
-#   b_pre = 0 (DESIGN.md): centre with the geometric median, untie the decoder (unit-norm rows, parallel gradient
+#   b_pre = 0: centre with the geometric median, untie the decoder (unit-norm rows, parallel gradient
 #   removed), reconstruction loss normalised by Var(x), self-contrastive term;
 # - signed features (sentence embeddings) lost accuracy and cluster quality with those changes and with the
 #   self-contrastive term: keep the paper's centring and tied decoder, no contrastive term;

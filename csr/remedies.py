@@ -1,4 +1,4 @@
-"""Unit-usage remedies: what keeps a top-k autoencoder's units alive (DESIGN.md, "dead latents").
+"""Unit-usage remedies: what keeps a top-k autoencoder's units alive (README, "Unit-usage remedies").
 
 Each is off in the paper's recipe and switched on by a flag: b_pre at the mean / geometric median of the data
 (`--bpre-init`), encoder rows initialised from data (`--encoder-init data`), the untied decoder's projected
@@ -63,6 +63,34 @@ def init_encoder_from_data(model: CSR, x: np.ndarray, seed: int) -> None:
             model.encoder.weight.copy_(xs / k)
         else:
             model.encoder.weight.copy_(xs / math.sqrt(k))
+
+
+def init_encoder_from_pca(model: CSR, x: np.ndarray, seed: int, sample: int = 50000) -> None:
+    """Encoder (and decoder) rows = the principal directions of the rows around b_pre, each with both signs.
+
+    Unit 2i is +u_i and unit 2i+1 is -u_i (u_i the i-th eigenvector of E[(x - b_pre)(x - b_pre)^T], unit norm),
+    for the top min(hidden // 2, d) directions; the latent bias is zero. The pre-activations are then the
+    principal coefficients c_i and -c_i, and ReLU(TopK_k) keeps the k largest |c_i| with their sign: the best
+    k-term approximation of each input in the principal basis, never worse than PCA's first k coefficients. So
+    training starts from at least PCA's information at every k. Units beyond 2·d (hidden > 2·d) start from data
+    as in `init_encoder_from_data`.
+    """
+    hidden, d = model.cfg.hidden_size, model.cfg.input_dim
+    rng = np.random.default_rng([seed, 2])
+    rows = np.sort(rng.choice(len(x), size=min(sample, len(x)), replace=False))
+    xs = model.preprocess(torch.from_numpy(np.asarray(x[rows], dtype=np.float32)))[0] - model.pre_bias.detach()
+    xs = xs.double()
+    evals, evecs = torch.linalg.eigh(xs.T @ xs / len(xs))
+    m = min(hidden // 2, d)
+    u = evecs[:, torch.argsort(evals, descending=True)[:m]].T.float()  # [m, d], unit rows
+    pcs = torch.stack([u, -u], 1).reshape(2 * m, d)
+    if hidden > 2 * m:
+        init_encoder_from_data(model, x, seed)  # the units past 2·d keep their data directions
+    with torch.no_grad():
+        model.latent_bias.zero_()
+        model.encoder.weight[:2 * m] = pcs
+        if model.decoder_weight is not None:
+            model.decoder_weight[:2 * m] = pcs
 
 
 def remove_parallel_decoder_grad(model: CSR) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from csr.codes import SparseCodes, load_codes
 from csr.io import CSRError, info
-from csr.knn import check_pair, topk_lowest_index
+from csr.topk import check_pair, topk_lowest_index
 
 
 @dataclass
@@ -84,7 +84,7 @@ def sparse_setting(cfg: RetrievalTimeConfig, k: int | None) -> tuple[dict, Calla
     if cfg.backend == "torch":
         import torch
 
-        from csr.sparse_knn import TorchSparseIndex
+        from csr.sparse_knn_torch import TorchSparseIndex
         index = TorchSparseIndex(db, cfg.device)
         check_pair(q, db.hidden_size, db.n, cfg.K)
         dev = index.device

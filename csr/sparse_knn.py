@@ -6,10 +6,10 @@ rounding, ties broken by the lowest database index, scores sorted descending. It
 query score 0 and are ranked like any other item (lowest index first among equal scores), so K may be anything
 up to the database size.
 
-Two engines, one entry point each: `sparse_topk` (CPU, numba) and `sparse_topk_torch` (torch sparse CSR, CUDA
-or CPU; csr/sparse_knn_torch.py). This module owns the CPU engine's index and its public entry points; its
-query kernels are in csr/sparse_knn_numba.py, the input checks and top-K selection shared with the other
-backends in csr/knn.py.
+Two engines, one entry point each: `sparse_topk` here (CPU, numba) and `sparse_topk_torch` in
+csr/sparse_knn_torch.py (torch sparse CSR, CUDA or CPU). This module owns the CPU engine's index and its entry
+point; its query kernels are in csr/sparse_knn_numba.py, the input checks shared with the other backends in
+csr/topk.py. The dispatcher over the backends, csr/knn.py, sits above both engines.
 
 The CPU index: the database is stored as an inverted index (for each unit, the ids and values of the items
 using it, in item order). Units used by at least `hot_fraction` of the database ("hot" units: with trained CSR
@@ -32,14 +32,9 @@ from tqdm import tqdm
 
 from csr.codes import SparseCodes, validate_codes
 from csr.io import CSRError
-from csr.knn import check_pair, require_codes, topk_lowest_index
 from csr.sparse_knn_numba import query_work, search_postings, search_tiles
-from csr.sparse_knn_torch import TorchSparseIndex
-from csr.sparse_rows import normalized_csr, normalized_rows, row_slice
-
-__all__ = ["BLOCK", "HOT_FRACTION", "MAX_HOT", "TILED_POSTINGS_PER_ITEM", "SparseIndex", "TorchSparseIndex",
-           "build_index", "check_pair", "choose_hot_units", "normalized_csr", "normalized_rows", "query_work",
-           "sparse_topk", "sparse_topk_torch", "topk_lowest_index", "unit_counts"]
+from csr.sparse_rows import normalized_rows, row_slice
+from csr.topk import check_pair, require_codes
 
 HOT_FRACTION = 0.05  # a unit used by >= 5 % of the database goes into the dense block
 MAX_HOT = 256  # at most this many dense rows
@@ -212,17 +207,4 @@ def sparse_topk(queries: SparseCodes, database: SparseCodes, K: int, *, batch_si
     check_pair(queries, database.hidden_size, database.n, K)
     index = build_index(database, threads=threads)
     return index.search(queries, K, batch_size=batch_size, threads=threads, progress=progress)
-
-
-def sparse_topk_torch(queries: SparseCodes, database: SparseCodes, K: int, *, batch_size: int = 512,
-                      device: str | None = None, threads: int | None = None,
-                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Same contract as `sparse_topk`, computed with torch (see `TorchSparseIndex`). Default device: CUDA if
-    available, else CPU (which holds a dense [batch, N] score block: keep batch_size small there)."""
-    import torch
-    require_codes(database, "database")
-    check_pair(queries, database.hidden_size, database.n, K)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    return TorchSparseIndex(database, device).search(queries, K, batch_size=batch_size, progress=progress)
 

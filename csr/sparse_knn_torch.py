@@ -1,7 +1,7 @@
 """The torch sparse kNN engine (GPU, or CPU): normalised database codes as a torch sparse CSR tensor, scored
 against dense query blocks with `D @ Q^T` (cuSPARSE SpMM on CUDA), exact top-K with lowest-index ties.
 
-Same contract as the numba engine (csr/sparse_knn.py); `sparse_topk_torch` there is the entry point.
+Same contract as the numba engine (csr/sparse_knn.py); `sparse_topk_torch` is the entry point.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 from tqdm import tqdm
 
 from csr.codes import SparseCodes, validate_codes
-from csr.knn import check_pair, require_codes, topk_lowest_index
 from csr.sparse_rows import normalized_csr, row_slice
+from csr.topk import check_pair, require_codes, topk_lowest_index
 
 
 class TorchSparseIndex:
@@ -52,6 +52,19 @@ class TorchSparseIndex:
             out_i[b0:b1] = ind.cpu().numpy()
             out_s[b0:b1] = sc.cpu().numpy()
         return out_i, out_s
+
+
+def sparse_topk_torch(queries: SparseCodes, database: SparseCodes, K: int, *, batch_size: int = 512,
+                      device: str | None = None, threads: int | None = None,
+                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Same contract as `sparse_topk`, computed with torch (see `TorchSparseIndex`). Default device: CUDA if
+    available, else CPU (which holds a dense [batch, N] score block: keep batch_size small there)."""
+    import torch
+    require_codes(database, "database")
+    check_pair(queries, database.hidden_size, database.n, K)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return TorchSparseIndex(database, device).search(queries, K, batch_size=batch_size, progress=progress)
 
 
 def _torch_csr(crow: np.ndarray, col: np.ndarray, val: np.ndarray, shape: tuple[int, int]):

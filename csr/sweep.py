@@ -15,17 +15,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch.distributed as dist
 
 from csr.baselines import PCA, MRLConfig, matryoshka_dims, mrl_transform, train_mrl, truncate
 from csr.codes import SparseCodes
-from csr.distributed import Runtime
+from csr.distributed import Runtime, broadcast_object
 from csr.encode import dead_fraction, encode_array
 from csr.io import CSRError, atomic_write_json, atomic_write_text, info
 from csr.knn import search
 from csr.metrics import markdown_table, retrieval_metrics
 from csr.model import CSR, CSRConfig
 from csr.provenance import code_digest, digest
+from csr.text_eval import View, v_measure
 from csr.train import AMP_DEVICE_TYPES, TrainConfig, TrainData, train
 
 METHOD_NAMES = {"full": "full-dim", "trunc": "truncation", "pca": "PCA", "mrl": "MRL adaptor (labels)",
@@ -34,11 +34,16 @@ METHOD_NAMES = {"full": "full-dim", "trunc": "truncation", "pca": "PCA", "mrl": 
 STYLES = {"csr": "o-", "csr_rec": "D-", "csr_rec_label": "D--", "csr_one": "o--", "mrl": "s-", "mrl_unsup": "s--", "pca": "^-", "trunc": "v-"}  # table rows
 
 
-def evaluate(db, queries, db_labels: np.ndarray, q_labels: np.ndarray, K: int = 10) -> dict[str, float]:
-    """Exact cosine kNN (sparse engine for codes, FAISS for dense) -> top-1 and mAP@K, in %."""
+def evaluate(db, queries, db_labels: np.ndarray, q_labels: np.ndarray, K: int = 10,
+             clustering: bool = False) -> dict[str, float]:
+    """Exact cosine kNN (sparse engine for codes, FAISS for dense) -> top-1 and mAP@K, in %; with `clustering`
+    also the text protocol's V-measure of k-means on the query rows (csr.text_eval.v_measure)."""
     idx, _ = search(queries, db, K, backend="sparse" if isinstance(db, SparseCodes) else "faiss", progress=False)
     m = retrieval_metrics(idx, db_labels, q_labels, (K,))
-    return {"top1": m["top1"], f"mAP@{K}": m[f"mAP@{K}"]}
+    out = {"top1": m["top1"], f"mAP@{K}": m[f"mAP@{K}"]}
+    if clustering:
+        out["v_measure"] = v_measure(View("x", 0, db, queries).features("b"), q_labels)
+    return out
 
 
 def array_identity(*arrays: np.ndarray | None) -> str:
@@ -75,22 +80,27 @@ class Sweep:
     """
 
     def __init__(self, out: str | Path, xtr, ytr, xte, yte, force: bool = False, progress: bool = True,
-                 data_id: Any = None, rt: Runtime | None = None):
+                 data_id: Any = None, rt: Runtime | None = None, clustering: bool = False):
         self.out = Path(out)
+        self.clustering = clustering  # also V-measure (text sets of the recipe panel)
         self.parts = self.out / "parts"
         self.xtr, self.ytr, self.xte, self.yte = xtr, ytr, xte, yte
         self.force, self.progress = force, progress
         self.rt = rt or Runtime()
         self.data_id = data_id if data_id is not None else array_identity(xtr, ytr, xte, yte)
         self._pca: PCA | None = None
-        self._mrl: dict[str, Any] = {}
+        self._mrl: dict[tuple[str, tuple[int, ...]], Any] = {}
         self.timings: dict[str, float] = {}
         self.reused: list[str] = []
         self.computed: list[str] = []
 
     def inputs(self, **config: Any) -> dict[str, Any]:
         """What a part depends on, besides its own configuration."""
-        return {"data": self.data_id, "code": code_digest(), **config}
+        return {"data": self.data_id, "code": code_digest(), **config,
+                **({"clustering": True} if self.clustering else {})}
+
+    def evaluate(self, db, queries) -> dict[str, float]:
+        return evaluate(db, queries, self.ytr, self.yte, clustering=self.clustering)
 
     def _decide(self, key: str, digest_now: str) -> tuple[bool, dict | None]:
         """(reuse?, the cached part or, if none matches, the latest other version of `key`) as rank 0 sees it;
@@ -107,9 +117,7 @@ class Sweep:
                     found = None
         reuse = bool(found is not None and not self.force and found.get("digest") == digest_now)
         if self.rt.distributed:
-            box = [reuse]
-            dist.broadcast_object_list(box, src=0)
-            reuse = box[0]
+            reuse = broadcast_object(reuse)
         return reuse, found
 
     def part(self, key: str, inputs: dict[str, Any], fn: Callable[[], dict[str, Any]],
@@ -147,11 +155,11 @@ class Sweep:
     # ------------------------------------------------------------------ dense baselines
     def full(self) -> dict:
         return self.part("full", self.inputs(method="full"), lambda: {
-            "method": "full", "dims": self.xtr.shape[1], **evaluate(self.xtr, self.xte, self.ytr, self.yte)})
+            "method": "full", "dims": self.xtr.shape[1], **self.evaluate(self.xtr, self.xte)})
 
     def trunc(self, d: int) -> dict:
         return self.part(f"trunc_{d}", self.inputs(method="trunc", dims=d), lambda: {
-            "method": "trunc", "dims": d, **evaluate(truncate(self.xtr, d), truncate(self.xte, d), self.ytr, self.yte)})
+            "method": "trunc", "dims": d, **self.evaluate(truncate(self.xtr, d), truncate(self.xte, d))})
 
     def pca(self, d: int) -> dict:
         max_dim = min(self.xtr.shape[1], 2048)
@@ -159,8 +167,8 @@ class Sweep:
         def run():
             if self._pca is None:
                 self._pca = PCA(max_dim).fit(self.xtr)
-            return {"method": "pca", "dims": d, **evaluate(self._pca.transform(self.xtr, d),
-                                                           self._pca.transform(self.xte, d), self.ytr, self.yte)}
+            return {"method": "pca", "dims": d, **self.evaluate(self._pca.transform(self.xtr, d),
+                                                                self._pca.transform(self.xte, d))}
         return self.part(f"pca_{d}", self.inputs(method="pca", dims=d, max_dim=max_dim), run)
 
     def mrl(self, d: int, cfg: MRLConfig, supervised: bool = True) -> dict:
@@ -168,18 +176,15 @@ class Sweep:
         dims = tuple(sorted(set(matryoshka_dims(self.xtr.shape[1])) | {d}))
         full_cfg = replace(cfg, dims=dims)
 
-        def run():
-            if method not in self._mrl:
+        def run():  # one head per (method, dims): a prefix's number never depends on which d was asked first
+            if (method, dims) not in self._mrl:
                 t0 = time.time()
-                self._mrl[method] = train_mrl(self.xtr, self.ytr if supervised else None, full_cfg,
-                                              progress=self.progress, device=str(self.rt.device))
-                self.timings[f"{method}_train"] = time.time() - t0
-            head = self._mrl[method]
-            if d not in head.dims:
-                raise ValueError(f"MRL adaptor has no prefix {d}")
+                self._mrl[method, dims] = train_mrl(self.xtr, self.ytr if supervised else None, full_cfg,
+                                                    progress=self.progress, device=str(self.rt.device))
+                self.timings[f"{method}_train"] = self.timings.get(f"{method}_train", 0.0) + time.time() - t0
+            head = self._mrl[method, dims]
             return {"method": method, "dims": d, "supervised": supervised, "config": asdict(cfg),
-                    **evaluate(mrl_transform(head, self.xtr, d), mrl_transform(head, self.xte, d),
-                               self.ytr, self.yte)}
+                    **self.evaluate(mrl_transform(head, self.xtr, d), mrl_transform(head, self.xte, d))}
         return self.part(f"{method}_{d}", self.inputs(method=method, dims=d, config=asdict(full_cfg)), run)
 
     # ------------------------------------------------------------------ CSR
@@ -197,7 +202,7 @@ class Sweep:
             model, saved = load_model(ckpt)
             if saved.get("sweep_digest") == model_digest and saved.get("complete"):
                 return model, {"train_seconds": saved.get("train_seconds", 0.0), "steps": saved.get("step")}
-        model = CSR(model_cfg)
+        model = CSR.seeded(model_cfg, train_cfg.seed)  # never the global RNG: a part must not depend on what ran before
         t0 = time.time()
         labels = self.ytr if train_cfg.cl == "label" else None
         summary = train(model, TrainData(self.xtr, labels), train_cfg, mdir, rt=self.rt, progress=self.progress,
@@ -224,7 +229,7 @@ class Sweep:
             q = encode_array(model, self.xte, ek, progress=False, labels=self.yte, device=self.rt.device)
             t_enc = time.time() - t0
             t0 = time.time()
-            res = evaluate(db, q, self.ytr, self.yte)
+            res = self.evaluate(db, q)
             return {"method": "csr", "dims": ek, "trained_k": k, "tag": tag, **res,
                     "dead_fraction": dead_fraction(db), "train_seconds": info["train_seconds"],
                     "encode_seconds": t_enc, "knn_seconds": time.time() - t0, "steps": info["steps"],

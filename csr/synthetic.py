@@ -6,7 +6,7 @@ Unit usage follows a Zipf law over unit ranks, `p(rank r) ∝ r^-s`, and each ro
 - `uniform`: s = 0.
 - `mild`: s = 0.5.
 - `authors`: s chosen (per hidden size and k) so that the top 1 % of units carry half of all activations,
-  as measured on the authors' recipe (DESIGN.md: most units dead, a few hot units in almost every code).
+  as measured on the authors' recipe (most units dead, a few hot units in almost every code).
 
 The rank-to-unit map is a fixed random permutation (`unit_seed`), shared by database and queries, so hot units
 are spread over the unit range as in a trained model. Values are positive (codes are ReLU outputs).

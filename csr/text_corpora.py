@@ -189,6 +189,16 @@ def read_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
     if not path.exists():
         raise CSRError(f"{path}: file not found")
     suffix = path.suffix.lower()
+    try:
+        records = _records(path, suffix)
+    except UnicodeDecodeError as e:
+        raise CSRError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); expected .jsonl or .csv") from None
+    if not records:
+        raise CSRError(f"{path}: no records")
+    return records
+
+
+def _records(path: Path, suffix: str) -> list[tuple[int, dict]]:
     records = []
     with open(path, newline="", encoding="utf-8") as f:
         if suffix in (".jsonl", ".json"):
@@ -211,8 +221,6 @@ def read_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
                 raise CSRError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
         else:
             raise CSRError(f"{path}: unknown format {suffix!r}; expected .jsonl or .csv")
-    if not records:
-        raise CSRError(f"{path}: no records")
     return records
 
 

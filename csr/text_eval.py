@@ -2,7 +2,7 @@
 
 Every representation is L2-normalised before use: the dense embedding (d dims), its truncation to the first m
 dims (MRL-style; all-MiniLM-L6-v2 is not Matryoshka-trained, so this is the naive baseline), PCA to m dims
-fitted on the train split (the strong baseline of DESIGN.md), and CSR codes with k = m active units (sparse
+fitted on the train split (the strong baseline), and CSR codes with k = m active units (sparse
 `[N, hidden]` matrices; never densified for search). Truncation and PCA are `csr.baselines`' (the image sweep's):
 one exact PCA (covariance eigendecomposition) fitted once on the train split, its first m components for size m.
 
@@ -33,7 +33,7 @@ import numpy as np
 from csr.baselines import PCA, truncate
 from csr.codes import SparseCodes
 from csr.io import CSRError
-from csr.knn import l2_normalize, search
+from csr.knn import clip_k, l2_normalize, search
 
 RETRIEVAL_KS = (10, 100)
 
@@ -259,6 +259,7 @@ def evaluate_folder(emb_dir: str, csr_runs: dict[str, dict[int, str]], dims: tup
         check_dims(dims, a.shape[1], "--dims", root / f"{sides[0]}_emb.npy")
     if info["task"] == "labelled":
         target = (load_labels(root / "train_labels.npy", a.shape[0]), load_labels(root / "test_labels.npy", b.shape[0]))
+        clip_k(knn_k, a.shape[0], "--knn-k")  # a warning: with more voters than rows, every row votes
         kw = dict(knn_k=knn_k, retrieval_k=retrieval_k, seed=seed)
     else:
         target, kw = info["qrels"]["test"], dict(retrieval_k=retrieval_k)

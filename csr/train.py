@@ -18,12 +18,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from csr import losses as L
-from csr.checkpoint import check_resume, read_checkpoint, save_checkpoint
+from csr.checkpoint import check_finite_weights, check_resume, read_checkpoint, run_finished, save_checkpoint
 from csr.distributed import Runtime, all_reduce_, barrier
 from csr.encode import dead_fraction_on_rows
 from csr.io import CSRError, atomic_write_text, info, warn, write_sidecar
 from csr.model import CSR
-from csr.remedies import init_encoder_from_data, init_pre_bias, remove_parallel_decoder_grad, resample_dead_units
+from csr.remedies import (init_encoder_from_data, init_encoder_from_pca, init_pre_bias, remove_parallel_decoder_grad,
+                          resample_dead_units)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # 0 = off
     bpre_init: str = "zeros"  # zeros (reference) | mean | geometric_median
     encoder_init: str = "random"  # random (reference: torch's Linear init) | data (rows = centred, unit-norm samples)
+    #                               | pca (rows = ±principal directions around b_pre: starts at PCA's information)
     k_start: int = 0  # k annealing (CSRv2-style, off = 0): train with k_start active units at step 0 ...
     k_anneal_steps: int = 0  # ... decreasing linearly to the model's k at this step (0 = --k-anneal-fraction)
     k_anneal_fraction: float = 0.5  # ... or over this share of all steps (CSRv2: 0.7)
@@ -63,8 +65,8 @@ class TrainConfig:
             raise CSRError(f"--recon-loss must be mse or nmse, got {self.recon_loss!r}")
         if self.schedule not in ("constant", "cosine"):
             raise CSRError(f"--schedule must be constant or cosine, got {self.schedule!r}")
-        if self.encoder_init not in ("random", "data"):
-            raise CSRError(f"--encoder-init must be random or data, got {self.encoder_init!r}")
+        if self.encoder_init not in ("random", "data", "pca"):
+            raise CSRError(f"--encoder-init must be random, data or pca, got {self.encoder_init!r}")
         if self.bpre_init not in ("zeros", "mean", "geometric_median"):
             raise CSRError(f"--bpre-init must be zeros, mean or geometric_median, got {self.bpre_init!r}")
         for flag, v in (("--lr", self.lr), ("--temperature", self.temperature), ("--adam-eps", self.adam_eps)):
@@ -184,10 +186,10 @@ class Batches:
         out[order] = block
         return torch.from_numpy(out)
 
-    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+    def epoch(self, epoch: int) -> Iterator[Batch]:
         perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n)
         B, W, r = self.cfg.batch_size, self.rt.world_size, self.rt.rank
-        for step in range(skip, self.steps_per_epoch):
+        for step in range(self.steps_per_epoch):
             g = perm[step * B:(step + 1) * B]
             per = len(g) // W
             if per == 0:
@@ -321,10 +323,14 @@ def train(model: CSR, data: TrainData | BatchSource, cfg: TrainConfig, out_dir: 
     if explicit or (resume and last.exists()):
         ckpt = read_checkpoint(last)
         check_resume(ckpt, last, model.cfg.to_dict(), identity)
+        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        if run_finished(ckpt, cfg.epochs, cfg.max_steps) and (out_dir / "csr.pt").exists():
+            raise CSRError(f"--resume {last}: nothing to resume, the run finished ({start_epoch} of {cfg.epochs} "
+                           f"epochs, step {step}); pass a larger --epochs (or --max-steps) to train on")
         model.load_state_dict(ckpt["state_dict"])
+        check_finite_weights(model, f"--resume {last}")
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
         log_path = out_dir / "log.jsonl"
         if log_path.exists():
             log_lines = [ln for ln in log_path.read_text().splitlines()
@@ -338,6 +344,8 @@ def train(model: CSR, data: TrainData | BatchSource, cfg: TrainConfig, out_dir: 
             init_pre_bias(model, rows, cfg.bpre_init, cfg.seed)
             if cfg.encoder_init == "data":
                 init_encoder_from_data(model, rows, cfg.seed)
+            elif cfg.encoder_init == "pca":
+                init_encoder_from_pca(model, rows, cfg.seed)
         elif cfg.bpre_init != "zeros" or cfg.encoder_init != "random":
             raise CSRError("--bpre-init / --encoder-init from data need the training rows, which this batch "
                            "source does not hold")
@@ -350,6 +358,8 @@ def train(model: CSR, data: TrainData | BatchSource, cfg: TrainConfig, out_dir: 
     multi_k = cfg.multi_k or 4 * k
     warn_k_changes(cfg, k, hidden, multi_k, rt.is_main)
     summary: dict[str, Any] = {"epochs": cfg.epochs, "steps": step}
+    if log_lines:  # resumed: the last epoch's stats, until an epoch runs (none when only csr.pt was missing)
+        summary.update({**json.loads(log_lines[-1]), "epochs": cfg.epochs})
     saved: list[str] = []
     model.train()
     for epoch in range(start_epoch, cfg.epochs):

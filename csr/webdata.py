@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from csr.clip import FrozenCLIP
 from csr.distributed import Runtime, barrier
-from csr.io import CSRError, NpyWriter, atomic_save_npy, info, read_sidecar, write_sidecar
+from csr.io import CSRError, NpyWriter, atomic_save_npy, info, load_embeddings, read_sidecar, write_sidecar
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXT = "txt"
@@ -207,6 +207,9 @@ def build_feature_cache(cache_dir: str | Path, clip: FrozenCLIP, shards: Sequenc
     img_path, txt_path = cache / "image_emb.npy", cache / "text_emb.npy"
     want = {"clip_model": clip.name, "pretrained": clip.pretrained, "train_data": spec, "limit": limit}
     if img_path.exists() and txt_path.exists():
+        img, txt = load_embeddings(img_path), load_embeddings(txt_path)  # a damaged cache names its file
+        if len(img) != len(txt):
+            raise CSRError(f"--feature-cache {cache}: {len(img)} image but {len(txt)} text features; delete it")
         meta = read_sidecar(img_path)
         diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
         if diff:
@@ -214,7 +217,7 @@ def build_feature_cache(cache_dir: str | Path, clip: FrozenCLIP, shards: Sequenc
                            f"directory or delete it")
         if rt.is_main:
             info(f"feature cache: reusing {img_path} and {txt_path} ({meta.get('n')} pairs)")
-        return np.load(img_path, mmap_mode="r"), np.load(txt_path, mmap_mode="r")
+        return img, txt
     per_rank = None if limit is None else math.ceil(limit / rt.world_size)
     stream = ShardStream(shards, clip.preprocess, clip.tokenizer, batch_size, rt.rank, rt.world_size,
                          batches_per_worker=None, shuffle=False)

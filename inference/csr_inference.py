@@ -3,12 +3,14 @@
 Built-in data:
     python inference/csr_inference.py --train_emb_path .cache/fmnist/emb/train_emb.npy \
         --eval_emb_path .cache/fmnist/emb/val_emb.npy --csr_ckpt runs/fmnist_k32/csr.pt --topk 32
-The paper's README spelling works too (`--cse_ckpt`):
+The paper's README command runs as written (`--cse_ckpt`; `--model_name` and `--hidden-size` are checked
+against the checkpoint):
     python inference/csr_inference.py --train_emb_path train_emb.npy --eval_emb_path val_emb.npy \
-        --cse_ckpt ckpt.pt --topk 8
+        --model_name resnet50d.ra4_e3600_r224_in1k --topk 8 --hidden-size 8192 --cse_ckpt ckpt.pt
 
 Shapes (input_dim, hidden_size) come from the checkpoint; `--topk` defaults to the trained k and may be any
-k <= hidden_size. Writes OUT/{split}_codes.npz (indices [N,k] int16/int32, values [N,k], hidden_size,
+k <= hidden_size. Without --out the codes go beside the checkpoint, in codes_k<topk>/, where
+`retrieval/faiss_nn.py --topk k` finds them for a checkpoint trained at the default place (csr/paths.py). Writes OUT/{split}_codes.npz (indices [N,k] int16/int32, values [N,k], hidden_size,
 labels) + a JSON sidecar each, for every embedding file given. Nothing dense [N, hidden] is ever built.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from csr.cli import ArgumentParser, add_precision_arg, bool_flag, positive_int, 
 from csr.codes import save_codes  # noqa: E402
 from csr.distributed import pick_device  # noqa: E402
 from csr.encode import dead_fraction, encode_array  # noqa: E402
-from csr.io import CSRError, check_output, labels_path_for, load_embeddings, load_labels  # noqa: E402
+from csr.io import CSRError, check_output, labels_path_for, load_embeddings, load_labels, warn  # noqa: E402
 
 
 def split_name(emb_path: str) -> str:
@@ -42,8 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--csr_ckpt", "--cse_ckpt", "--csr-ckpt", dest="csr_ckpt", required=True,
                    help="CSR checkpoint (.pt from main_visual.py); --cse_ckpt is the paper README's spelling")
     d.add_argument("--out", default=None, help="output directory (default: <checkpoint dir>/codes_k<topk>)")
+    d.add_argument("--model_name", "--model-name", default=None,
+                   help="backbone of the embeddings (the paper's flag): a warning when the checkpoint names another")
     m = p.add_argument_group("codes")
     m.add_argument("--topk", type=positive_int, default=None, help="active units per code (default: the trained k)")
+    m.add_argument("--hidden-size", "--hidden_size", dest="hidden_size", type=positive_int, default=None,
+                   help="the checkpoint's number of units (the paper's flag): an error when it differs; the "
+                        "shape always comes from the checkpoint")
     m.add_argument("--values-dtype", default="float32", choices=["float32", "float16"], help="dtype of code values")
     r = p.add_argument_group("runtime")
     r.add_argument("--batch-size", type=positive_int, default=4096, help="rows per encoder batch")
@@ -61,6 +68,11 @@ def main(argv=None) -> dict:
     if not inputs:
         raise CSRError("give --train_emb_path and/or --eval_emb_path")
     model, ckpt = load_model(args.csr_ckpt)
+    if args.hidden_size is not None and args.hidden_size != model.cfg.hidden_size:
+        raise CSRError(f"--hidden-size {args.hidden_size}: {args.csr_ckpt} has hidden_size {model.cfg.hidden_size}")
+    trained_on = (ckpt.get("args") or {}).get("model_name")
+    if args.model_name and trained_on and args.model_name != trained_on:
+        warn(f"--model_name {args.model_name}: {args.csr_ckpt} was trained on {trained_on} embeddings")
     k = args.topk or model.cfg.topk
     if not 1 <= k <= model.cfg.hidden_size:
         raise CSRError(f"--topk must be in [1, hidden_size={model.cfg.hidden_size}] of {args.csr_ckpt}, got {k}")
@@ -76,7 +88,7 @@ def main(argv=None) -> dict:
     for path in inputs:  # validate everything before writing anything
         x = load_embeddings(path)
         check_input_dim(model, x.shape[1], path)
-        target = check_output(out / f"{split_name(path)}_codes.npz", args.overwrite)
+        target = check_output(out / f"{split_name(path)}_codes.npz", args.overwrite, sidecar=True)
         embs.append((path, x, load_labels(labels_path_for(path), x.shape[0], required=False), target))
     written = {}
     for path, x, labels, target in embs:

@@ -31,6 +31,8 @@ The same split across processes (torchrun; each rank takes shards rank, rank + N
         --train_data_ffcv $WRITE_DIR/train_500_0.50_90.beton --eval_data_ffcv $WRITE_DIR/val_500_0.50_90.beton \
         --model_name resnet50d.ra4_e3600_r224_in1k --weights resnet50d_ra4.safetensors --out embeddings/imagenet_resnet50d
 
+Without --out the files go to RUNS/emb (`<repository>/runs/emb`; csr/paths.py), where `python stack_emb.py`
+finds the shards with no arguments, as in the paper's README.
 Splits: the train source is written as `train`, the eval source as `val`. Preprocessing is the model's timm
 eval config (resize short side to img_size / crop_pct, centre crop, mean/std) for BOTH splits: no random
 crops or flips for the database (the authors used them; we do not). Unreadable images are skipped with a
@@ -53,6 +55,7 @@ from csr.cli import bool_flag, positive_int, run  # noqa: E402
 from csr.extract import ExtractConfig, extract_split  # noqa: E402
 from csr.images import FFCVSource, FolderSource  # noqa: E402
 from csr.io import CSRError, read_sidecar  # noqa: E402
+from csr.paths import embeddings_dir  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "default backbones); resize = img_size / crop_pct")
 
     rt = p.add_argument_group("runtime and output")
-    rt.add_argument("--out", type=Path, required=True,
+    rt.add_argument("--out", type=Path, default=None,
                     help="output directory for {split}_emb.npy, {split}_labels.npy, {split}_meta.json "
-                         "(or {split}_shards/)")
+                         "(or {split}_shards/); default RUNS/emb, where stack_emb.py looks (csr/paths.py)")
     rt.add_argument("--batch-size", "--batch_size", type=positive_int, default=256,
                     help="images per forward pass (default 256)")
     rt.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -172,7 +175,8 @@ def _extract(args: argparse.Namespace, rt):
           f"resize {pp.resize} {pp.interpolation} -> centre crop {pp.size}, mean {pp.mean} std {pp.std}; "
           f"device {device}{' + AMP' if args.amp and device.startswith('cuda') else ''}"
           f"{f', {rt.world_size} processes' if rt.distributed else ''}", file=sys.stderr)
-    results = [extract_split(src, backbone, args.out, split, cfg) for split, src in sources]
+    out = args.out or embeddings_dir()
+    results = [extract_split(src, backbone, out, split, cfg) for split, src in sources]
     if not rt.is_main:
         return results
     print("summary:")

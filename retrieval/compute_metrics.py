@@ -1,6 +1,7 @@
 """Retrieval metrics from neighbour lists (stage 6): 1-NN top-1, mAP@k, precision@k, recall@k, top-k hit rate.
 
     python retrieval/compute_metrics.py --neighbors runs/fmnist_k32/nn.npy   # writes runs/fmnist_k32/nn_metrics.json
+    cd retrieval; python compute_metrics.py --topk 8    # the paper's command: what `faiss_nn.py --topk 8` wrote
 
 Labels default to the ones named in the neighbours' sidecar (written by faiss_nn.py): database labels for
 the neighbours, query labels for the rows. k in {10, 25, 50, 100} as MRL reports (definitions in
@@ -15,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from csr import paths  # noqa: E402
 from csr.cli import ArgumentParser, bool_flag, positive_int, run  # noqa: E402
 from csr.codes import load_codes  # noqa: E402
-from csr.io import (CSRError, atomic_write_json, check_output, load_labels, load_neighbors,  # noqa: E402
-                    read_sidecar, warn)
+from csr.io import (CSRError, atomic_write_json, check_neighbor_ids, check_output, load_labels,  # noqa: E402
+                    load_neighbors, read_sidecar, warn)
 from csr.metrics import DEFAULT_KS, markdown_table, retrieval_metrics  # noqa: E402
 
 
@@ -34,7 +36,10 @@ def labels_from(path: str) -> np.ndarray:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--neighbors", required=True, help="neighbour indices .npy from faiss_nn.py")
+    p.add_argument("--neighbors", default=None, help="neighbour indices .npy from faiss_nn.py")
+    p.add_argument("--topk", type=positive_int, default=None,
+                   help="k of the codes (the paper's flag): without --neighbors, read what faiss_nn.py --topk k "
+                        "wrote by default (RUNS/*/codes_k<topk>/nn.npy; csr/paths.py)")
     p.add_argument("--db_labels", "--db-labels", default=None, help="database labels (default: from the sidecar)")
     p.add_argument("--query_labels", "--query-labels", default=None, help="query labels (default: from the sidecar)")
     p.add_argument("--ks", type=positive_int, nargs="+", default=None,
@@ -46,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    nn_path = Path(args.neighbors)
+    if args.neighbors is None and args.topk is None:
+        raise CSRError("give --neighbors (or --topk k: the neighbours of faiss_nn.py --topk k at the default place)")
+    nn_path = Path(args.neighbors) if args.neighbors else paths.neighbours_file(args.topk)
     neighbors = load_neighbors(nn_path)
     out = check_output(Path(args.out) if args.out else nn_path.with_name(nn_path.stem + "_metrics.json"), args.overwrite)
     side = read_sidecar(nn_path)
@@ -62,7 +69,9 @@ def main(argv=None) -> dict:
         raise CSRError(f"--ks {max(args.ks)}: {nn_path} has only {K} neighbours per query")
     else:
         ks = args.ks
-    metrics = retrieval_metrics(neighbors, labels_from(db_lab), labels_from(q_lab), tuple(ks))
+    db_labels = labels_from(db_lab)
+    check_neighbor_ids(neighbors, nn_path, len(db_labels), db_lab)
+    metrics = retrieval_metrics(neighbors, db_labels, labels_from(q_lab), tuple(ks))
     atomic_write_json(out, {"neighbors": str(nn_path), "n_queries": len(neighbors), "metrics": metrics})
     print(markdown_table([{"metric": k, "value": v} for k, v in metrics.items()]))
     print(f"wrote {out}")

@@ -1,5 +1,8 @@
 """Exact k-nearest-neighbour search (stage 5): queries against a database, by cosine similarity.
 
+The paper's command (from retrieval/): the codes inference/csr_inference.py wrote at k 8 by default, found in
+RUNS/*/codes_k8/ (RUNS = <repository>/runs; csr/paths.py); writes nn.npy there:
+    cd retrieval; python faiss_nn.py --topk 8
 Sparse codes (fast exact engine, no densifying):
     python retrieval/faiss_nn.py --database runs/fmnist_k32/codes_k32/train_codes.npz \
         --queries runs/fmnist_k32/codes_k32/val_codes.npz --out runs/fmnist_k32/nn.npy
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from csr import distributed  # noqa: E402
+from csr import distributed, paths  # noqa: E402
 from csr.cli import ArgumentParser, bool_flag, positive_int, run  # noqa: E402
 from csr.codes import SparseCodes, load_codes  # noqa: E402
 from csr.io import (CSRError, atomic_save_npy, check_dims, check_output, check_same_width,  # noqa: E402
@@ -59,9 +62,13 @@ def scores_path(out: Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
-    d.add_argument("--database", "--train", dest="database", required=True, help="database: codes .npz or embeddings .npy")
-    d.add_argument("--queries", "--eval", dest="queries", required=True, help="queries: codes .npz or embeddings .npy")
-    d.add_argument("--out", required=True, help="neighbour indices .npy (scores go to <out>_scores.npy)")
+    d.add_argument("--database", "--train", dest="database", help="database: codes .npz or embeddings .npy")
+    d.add_argument("--queries", "--eval", dest="queries", help="queries: codes .npz or embeddings .npy")
+    d.add_argument("--out", help="neighbour indices .npy (scores go to <out>_scores.npy)")
+    d.add_argument("--topk", type=positive_int, default=None,
+                   help="k of the codes (the paper's flag): without paths, search RUNS/*/codes_k<topk>/ "
+                        "train_codes.npz (database) with its val_codes.npz (queries), write nn.npy there; with "
+                        "paths, the codes must have this k")
     s = p.add_argument_group("search")
     s.add_argument("-K", "--K", "--k", dest="K", type=positive_int, default=100, help="neighbours per query (MRL metrics use 100)")
     s.add_argument("--backend", default=None, choices=BACKENDS,
@@ -76,9 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_paths(args: argparse.Namespace) -> None:
+    """Fill --database/--queries/--out from the default layout at --topk (csr/paths.py)."""
+    if args.database and args.queries and args.out:
+        return
+    if args.topk is None:
+        raise CSRError("give --database, --queries and --out (or --topk k: the codes at the default place)")
+    where = paths.codes_dir(args.topk)
+    args.database = args.database or str(where / "train_codes.npz")
+    args.queries = args.queries or str(where / "val_codes.npz")
+    args.out = args.out or str(where / "nn.npy")
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    out = check_output(Path(args.out), args.overwrite)
+    default_paths(args)
+    out = check_output(args.out, args.overwrite, also=[scores_path(Path(args.out))], sidecar=True)
     db, db_labels = load_side(args.database, args.dims)
     q, q_labels = load_side(args.queries, args.dims)
     if isinstance(db, SparseCodes) != isinstance(q, SparseCodes):
@@ -86,6 +106,14 @@ def main(argv=None) -> dict:
                        f"both be embeddings (.npy)")
     if isinstance(db, np.ndarray):
         check_same_width(db, q, args.database, args.queries)
+    else:
+        if db.hidden_size != q.hidden_size:
+            raise CSRError(f"--queries {args.queries}: codes over {q.hidden_size} units but --database {args.database} "
+                           f"has {db.hidden_size} (encode both with the same checkpoint)")
+        if args.topk is not None:
+            for path, codes in ((args.database, db), (args.queries, q)):
+                if codes.k != args.topk:
+                    raise CSRError(f"--topk {args.topk}: {path} holds codes with k = {codes.k}")
     backend = args.backend or ("sparse" if args.database.endswith(".npz") else "faiss")
     K = clip_k(args.K, len(db) if isinstance(db, np.ndarray) else db.n)
     rt = distributed.setup(args.use_ddp, args.device)

@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if bool(args.database_codes) != bool(args.query_codes):
         raise CSRError("--database-codes and --query-codes go together")
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, sidecar=True)
     cfg = RetrievalTimeConfig(**{f.name: getattr(args, f.name) for f in fields(RetrievalTimeConfig)})
     device = backend_device(cfg)
     sparse_rows, dense_rows = time_settings(cfg)

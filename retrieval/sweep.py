@@ -20,8 +20,8 @@ and recommended+labels). `--ablation-k` adds CSR variants at one k, each one cha
 encoder_init=data, resample, k_anneal=64, and the recipes (a variant equal to a row already trained reuses it).
 Writes results/<name>/{table.md, results.json, accuracy_vs_dims.png}, models under results/<name>/models and
 one JSON per finished part under results/<name>/parts. A re-run reuses a part only when the digest of all it
-depends on matches (data files' path/size/mtime/shape, method and training configs, seed, runtime, the csr/
-library's source hash), recomputes the others, and prints which parts were reused (--force: recompute all).
+depends on matches (data files' path/size/mtime/shape and a hash of a fixed sample of their bytes, method and
+training configs, seed, runtime, the csr/ library's source hash), recomputes the others, and prints which parts were reused (--force: recompute all).
 An existing report (table.md, results.json, the plot) is replaced only with --overwrite; bad input fails before
 any part runs.
 CSR flags (--epochs, --batch-size, --lr, --cl, ...) default to the paper's recipe; --topk is ignored (use --ks).

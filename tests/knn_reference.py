@@ -7,8 +7,8 @@ Shared by tests/test_sparse_knn.py and tests/test_pipeline.py (the backends' exa
 """
 from __future__ import annotations
 
+import faiss  # a hard requirement: a broken install must fail here, not skip
 import numpy as np
-import pytest
 
 from csr.codes import SparseCodes
 
@@ -25,7 +25,6 @@ def dense_normalized(codes: SparseCodes) -> np.ndarray:
 
 
 def faiss_topk(q: np.ndarray, d: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
-    faiss = pytest.importorskip("faiss")
     index = faiss.IndexFlatIP(d.shape[1])
     index.add(d)
     s, i = index.search(q, K)

@@ -125,6 +125,43 @@ def w(tmp_path_factory):
             tar.add(d / n, arcname=n)
     f["shard"] = d / "shard-0000.tar"
     (d / "regular_file").write_text("x")
+    # issue 23 §3: an unfinished run's last.pt (of 3 epochs, killed after 2), a NaN-weight one to resume from
+    ck = read_checkpoint(f["run"] / "last.pt")
+    f["unfinished"] = d / "unfinished.pt"
+    torch.save({**ck, "train_config": {**ck["train_config"], "epochs": 3}}, f["unfinished"])
+    f["nanrun"] = d / "nanrun"
+    f["nanrun"].mkdir()
+    shutil.copy(f["run"] / "log.jsonl", f["nanrun"] / "log.jsonl")
+    ck["state_dict"]["encoder.weight"][0, 0] = float("nan")
+    torch.save({**ck, "train_config": {**ck["train_config"], "epochs": 3}}, f["nanrun"] / "last.pt")
+    # codes over another number of units; neighbours repeating an id, or outside the database
+    wide = SparseCodes(np.tile(np.arange(4, dtype=np.int16), (10, 1)), np.ones((10, 4), np.float32), 64)
+    f["codes64"] = d / "codes64.npz"
+    save_codes(f["codes64"], wide)
+    nn = np.load(f["nn"])
+    dup, far = nn.copy(), nn.copy()
+    dup[7, 3] = dup[7, 1]
+    far[4, 2] = 250
+    for name, arr in (("dup", dup), ("far", far)):
+        np.save(bad / f"{name}.npy", arr)
+        shutil.copy(d / "nn.json", bad / f"{name}.json")
+    # an output's companion already there (faiss_nn.py's scores, its sidecar)
+    shutil.copy(d / "nn_scores.npy", d / "lone_scores.npy")
+    (d / "lone2.json").write_text(json.dumps({"file": "lone2.npy", "command": "faiss_nn.py, an earlier run"}))
+    # shard folders with a corrupt manifest or shard record
+    for name, broken in (("badman_shards", "manifest.json"), ("badrec_shards", "shard_00000.json")):
+        sd = d / name
+        sd.mkdir()
+        np.save(sd / "emb_00000.npy", rows(10, 6))
+        np.save(sd / "labels_00000.npy", np.zeros(10, np.int64))
+        (sd / broken).write_text('{"rows": 10, "skipped": [')
+    (d / "binary.jsonl").write_bytes(bytes(range(256)) * 4)
+    # the tiny open_clip architecture (random init is fast) and a feature cache of garbage
+    from csr.clip import TINY_CLIP_CONFIG
+    (d / "tiny-clip.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    (d / "fcache").mkdir()
+    for name in ("image_emb.npy", "text_emb.npy"):
+        (d / "fcache" / name).write_bytes(b"garbage, not an array\n" * 20)
     return f
 
 
@@ -148,7 +185,7 @@ def expect_error(main, argv, needle: str, capsys, root: Path) -> str:
 def cases(f):
     """(script main, argv, text the one error line must contain)."""
     d, nb = f["dir"], f["nnbad"]
-    run_ck, last = f["run"] / "csr.pt", f["run"] / "last.pt"
+    run_ck = f["run"] / "csr.pt"
     new = d / "new"  # never exists: outputs of cases that must fail
     mv = [main_visual.main, "--pretrained_emb"]
     inf = [csr_inference.main, "--eval_emb_path", f["val"], "--out", new]
@@ -179,7 +216,6 @@ def cases(f):
         (*mv, f["emb"], *TRAIN, "--out", d / "regular_file" / "run", "regular_file is not a directory"),
         (*mv, f["emb"], *TRAIN, "--out", "/proc/csr_run", "cannot write under /proc"),
         # --- inference/csr_inference.py (6, 8, 10, 11, 16)
-        (*inf, "--csr_ckpt", last, "last.pt: checkpoint of an unfinished run (epoch 1, step 8)"),
         (*inf, "--csr_ckpt", run_ck, "--topk", "0", "argument --topk: must be >= 1, got 0"),
         (*inf, "--csr_ckpt", run_ck, "--batch-size", "0", "argument --batch-size: must be >= 1"),
         (*inf, "--csr_ckpt", f["nanckpt"], "nanw.pt: NaN or Inf in the weights ("),
@@ -236,12 +272,12 @@ def cases(f):
         (*mm, "--out", f["run"], "finished run); pass --resume"),
         (*mm, "--lr", "nan", "argument --lr: must be a finite number > 0"),
         (*mm, "--csr-auxk", "-5", "argument --csr-auxk: must be >= 0"),
-        (*mm, "--max-steps", "-5", "argument --max-steps: must be >= 0"),
+        (*mm, "--max-steps", "-5", "--max_steps: must be >= 0"),
         (main_multimodal.main, "--train-data", d / "missing-{0000..0001}.tar", "2 of 2 shards do not exist"),
         (*mme, "--output", f["nn"], "nn.npy exists; pass --overwrite"),
         (*mme, "--output", new / "r.json", "--recall_k", "0", "--recall-k: must be >= 1"),
         # --- export_csr.py (6, 10, §7)
-        (*ex, last, "last.pt: checkpoint of an unfinished run"),
+        (*ex, f["unfinished"], "unfinished.pt: checkpoint of an unfinished run"),
         (*ex, f["nanckpt"], "nanw.pt: NaN or Inf in the weights"),
         (export_csr.main, "export-st", "--out", new, "--ckpt", f["nanckpt"], "nanw.pt: NaN or Inf in the weights"),
         (*ex, f["corrupt"], "corrupt.pt: not a readable checkpoint (truncated or corrupt"),
@@ -259,6 +295,65 @@ def cases(f):
          "emb_00000.npy: empty embedding file (0 bytes)"),
         (stack_emb.main, "--shard_dir", d / "missing_shards", "--out", new / "x_emb.npy", "shard directory not found"),
         (stack_emb.main, "--shard_dir", d / "nan_shards", "--out", f["emb"], "train_emb.npy exists; pass --overwrite"),
+        *issue23_cases(f),
+    ]
+
+
+def issue23_cases(f):
+    """Issue 23 §3: the last bad inputs (loses work, passes silently, raw tracebacks, culprit not named)."""
+    d, nb, new = f["dir"], f["nnbad"], f["dir"] / "new"
+    mv = [main_visual.main, "--pretrained_emb", f["emb"], *TRAIN]
+    mmt = [main_multimodal.main, "--train-data", f["shard"], "--model", d / "tiny-clip.json", "--out", new]
+    fx = [main_multimodal.main, "fixtures", "--n-train", "8", "--n-eval", "4"]
+    emb = [main_text.main, "embed", "--train", d / "binary.jsonl"]
+    regular, proc = d / "regular_file" / "x", "/proc/csr_x"
+    return [
+        # loses work: every file a stage writes is checked, not only --out
+        (faiss_nn.main, "--database", f["emb"], "--queries", f["val"], "--out", d / "lone.npy",
+         "lone_scores.npy exists; pass --overwrite"),
+        (faiss_nn.main, "--database", f["emb"], "--queries", f["val"], "--out", d / "lone2.npy",
+         "lone2.json exists; pass --overwrite"),
+        (export_csr.main, "export-st", "--out", d / "nn", "--ckpt", f["run"] / "csr.pt",
+         f"nn.json is the sidecar of {d / 'nn.npy'}, which {d / 'nn'} would replace"),
+        (export_csr.main, "save-pretrained", "--overwrite", "--out", d / "nn", "--ckpt", f["run"] / "csr.pt",
+         "nn.json is the sidecar of"),
+        # passes silently
+        (*mv, "--epochs", "2", "--resume", "--out", f["run"], "last.pt: nothing to resume, the run finished (2 of 2 "
+         "epochs, step 8); pass a larger --epochs"),
+        (compute_metrics.main, "--neighbors", nb / "dup.npy", "dup.npy: row 7 lists database id"),
+        (*fx, "--out", new, "--train-clip-steps", "-5", "argument --train-clip-steps: must be >= 0, got -5"),
+        (*mv, "--labels", d / "missing.npy", "--cl", "self", "--out", new, "missing.npy: labels file not found"),
+        # raw tracebacks
+        (stack_emb.main, "--shard_dir", d / "badman_shards", "--out", new / "x_emb.npy",
+         "manifest.json: not valid JSON"),
+        (stack_emb.main, "--shard_dir", d / "badrec_shards", "shard_00000.json: not valid JSON"),
+        (export_csr.main, "export-st", "--out", regular, "--ckpt", f["run"] / "csr.pt", "regular_file is not a "
+         "directory"),
+        (export_csr.main, "export-st", "--out", proc, "--ckpt", f["run"] / "csr.pt", "cannot write under /proc"),
+        (export_csr.main, "save-pretrained", "--out", regular, "--ckpt", f["run"] / "csr.pt", "is not a directory"),
+        (export_csr.main, "save-pretrained", "--out", proc, "--ckpt", f["run"] / "csr.pt", "cannot write under"),
+        (export_csr.main, "import", "--folder", d / "missing", "--out", regular, "is not a directory"),
+        (export_csr.main, "import", "--folder", d / "missing", "--out", proc, "cannot write under /proc"),
+        (*emb, "--out", regular, "regular_file is not a directory"),
+        (*emb, "--out", proc, "cannot write under /proc"),
+        (*fx, "--out", regular, "regular_file is not a directory"),
+        (*fx, "--out", proc, "cannot write under /proc"),
+        (*emb, "--out", new, "binary.jsonl: not UTF-8 text (byte 128"),
+        (*mmt, "--beta1", "1.5", "argument --beta1: must be in [0, 1), got '1.5'"),
+        (*mmt, "--beta2", "-1", "argument --beta2: must be in [0, 1), got '-1'"),
+        (*mmt, "--pretrained", "none", "--feature-cache", d / "fcache", "fcache/image_emb.npy: not a readable .npy embedding file (not an "
+         "array"),
+        (*mmt, "--pretrained", "none", "--feature-cache", d / "regular_file", "regular_file: cannot write here"),
+        (*mmt, "--pretrained", d / "regular_file", "regular_file: not a CLIP weights file for tiny-clip"),
+        # errors that name the culprit
+        (compute_metrics.main, "--neighbors", nb / "far.npy", "far.npy: neighbour id 250 (row 4) is outside the "
+         "database of 200 rows labelled by"),
+        (faiss_nn.main, "--database", f["db"], "--queries", f["codes64"], "--out", new / "nn.npy",
+         f"--queries {f['codes64']}: codes over 64 units but --database {f['db']} has 32"),
+        (main_visual.main, "--pretrained_emb", f["emb"], *TRAIN, "--epochs", "3", "--resume", "--out", f["nanrun"],
+         "--resume " + str(f["nanrun"] / "last.pt") + ": NaN or Inf in the weights (encoder.weight)"),
+        (csr_inference.main, "--eval_emb_path", f["val"], "--out", new, "--csr_ckpt", f["unfinished"],
+         "unfinished.pt: checkpoint of an unfinished run (epoch 1, step 8)"),
     ]
 
 
@@ -267,7 +362,7 @@ def test_every_bad_input_is_one_line_exit_2_and_leaves_nothing(w, capsys):
     for name in ("table.md", "results.json"):
         (w["dir"] / "report" / name).write_text("an earlier report\n")
     table = cases(w)
-    assert len(table) >= 70
+    assert len(table) >= 100
     for main, *argv, needle in table:
         expect_error(main, argv, needle, capsys, w["dir"])
     assert not (w["dir"] / "new").exists() and not (w["dir"] / "huge" / "csr.pt").exists()
@@ -277,11 +372,11 @@ def test_every_bad_input_is_one_line_exit_2_and_leaves_nothing(w, capsys):
 def test_unfinished_epoch_checkpoint_is_only_a_warning_for_eval(w, capsys):
     """main_multimodal.py eval may evaluate an epoch_E.pt (no `complete` flag): warned, not refused."""
     from csr.io import warn  # the one helper every warning goes through
-    _, ckpt = load_model(w["run"] / "last.pt", unfinished="warn")
+    _, ckpt = load_model(w["unfinished"], unfinished="warn")
     assert ckpt["epoch"] == 1 and not ckpt.get("complete")
     warn("x")
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == f"warning: {w['run'] / 'last.pt'}: checkpoint of an unfinished run (epoch 1, step 8), not a " \
+    assert err[0] == f"warning: {w['unfinished']}: checkpoint of an unfinished run (epoch 1, step 8), not a " \
                      f"finished model" and err[1] == "warning: x"
 
 
@@ -305,6 +400,15 @@ def test_suspicious_inputs_warn_in_one_line_and_succeed(w, capsys, tmp_path):
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning")]
     assert err == ["warning: --k-start 64 clamped to hidden_size/4 = 8", "warning: multi_k 16 raised to 4·k = 32 "
                    "while k = 8"]
+    small = tmp_path / "text45"  # issue 23 §3: more kNN voters than training rows
+    save_split(small, "train", rows(45, 0))
+    save_split(small, "test", rows(20, 1))
+    (small / "corpus.json").write_text(json.dumps({"name": "text45", "task": "labelled"}))
+    res = main_text.main(["eval", "--emb-dir", str(small), "--methods", "truncation", "--dims", "8",
+                          "--knn-k", "100"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning")]
+    assert err == ["warning: --knn-k 100 clipped to the database size 45"]
+    assert all("knn100_acc" in r for r in res["rows"])  # all 45 rows voted, under the name asked for
 
 
 def test_scipy_fallback_warns(monkeypatch, capsys):
@@ -344,10 +448,66 @@ def test_overwrite_removes_the_old_run_before_training(w, tmp_path):
 
 
 def test_resume_records_and_checks_the_data_identity(w):
+    from csr.provenance import content_sample
     ck = read_checkpoint(w["run"] / "last.pt")
     st = w["emb"].stat()
     assert ck["data"] == {"path": str(w["emb"].resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                          "shape": [200, D], "dtype": "float32"}
+                          "sample": content_sample(w["emb"], st.st_size), "shape": [200, D], "dtype": "float32"}
+
+
+def test_file_identity_sees_a_same_size_file_copied_with_its_mtime(tmp_path):
+    """Issue 23 §3: `cp -p` of other rows of the same shape keeps size and mtime; the sweep's cache key (the
+    file identity) must still change, for a change anywhere in a large file as in a small one."""
+    from csr.provenance import file_identity
+    for n in (20, 20000):
+        path = save_split(tmp_path / str(n), "train", rows(n, 0))
+        before = file_identity(path)
+        st = path.stat()
+        x = rows(n, 0)
+        x[n // 2 + 1] += 1  # one row in the middle (a large file's sample does not read it whole)
+        np.save(path, x)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        after = file_identity(path)
+        assert {k: v for k, v in after.items() if k != "sample"} == {k: v for k, v in before.items() if k != "sample"}
+        if n == 20:
+            assert after["sample"] != before["sample"]
+        np.save(path, rows(n, 1))  # other rows throughout
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert file_identity(path)["sample"] != before["sample"]
+        assert file_identity(path) == file_identity(path)  # and the key is stable
+
+
+def test_finished_runs_last_pt_is_a_finished_model_and_more_epochs_resume(w, tmp_path, capsys):
+    """Issue 23 §3: the last.pt of a run's last epoch holds the finished model (inference accepts it); --resume
+    with more --epochs than the run had continues it, and csr.json keeps every loss term."""
+    written = csr_inference.main(["--eval_emb_path", str(w["val"]), "--csr_ckpt", str(w["run"] / "last.pt"),
+                                  "--out", str(tmp_path / "codes")])
+    assert set(written) == {"val"} and "unfinished" not in capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    shutil.copytree(w["run"], run_dir)
+    argv = ["--pretrained_emb", str(w["emb"]), *TRAIN, "--epochs", "3", "--resume", "--out", str(run_dir)]
+    summary = main_visual.main(argv)
+    ck = read_checkpoint(run_dir / "csr.pt")
+    assert ck["complete"] and ck["epoch"] == 2 and ck["step"] == 12 and summary["steps"] == 12
+    assert [json.loads(ln)["epoch"] for ln in (run_dir / "log.jsonl").read_text().splitlines()] == [0, 1, 2]
+    stats = json.loads((run_dir / "csr.json").read_text())["final_stats"]
+    assert stats["epoch"] == 2 and {"loss_total", "loss_recon_k", "loss_cl"} <= set(stats)
+
+
+def test_resume_after_the_last_epoch_only_writes_the_missing_csr_pt(w, tmp_path):
+    """Killed between the last epoch's last.pt and csr.pt: --resume trains nothing and writes csr.pt with the
+    last epoch's stats (not 'final loss nan')."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("last.pt", "log.jsonl"):
+        shutil.copy(w["run"] / name, run_dir / name)
+    summary = main_visual.main(["--pretrained_emb", str(w["emb"]), *TRAIN, "--epochs", "2", "--resume",
+                                "--out", str(run_dir)])
+    last = json.loads((w["run"] / "log.jsonl").read_text().splitlines()[-1])
+    assert summary["steps"] == 8 and summary["loss_total"] == last["loss_total"]
+    ck = read_checkpoint(run_dir / "csr.pt")
+    assert ck["complete"] and ck["epoch"] == 1 and torch.equal(
+        ck["state_dict"]["encoder.weight"], read_checkpoint(w["run"] / "csr.pt")["state_dict"]["encoder.weight"])
 
 
 def test_killed_run_is_refused_then_resumes(w, tmp_path, capsys):

@@ -27,7 +27,7 @@ from csr.metrics import retrieval_metrics  # noqa: E402
 from csr.model import CSR, CSRConfig, dense_code  # noqa: E402
 from csr.train import TrainConfig, TrainData, train  # noqa: E402
 
-st = pytest.importorskip("sentence_transformers")
+import sentence_transformers  # noqa: E402,F401  (a hard requirement: a broken install fails here, never skips)
 from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder  # noqa: E402
 
 HIDDEN, K = 1536, 32

@@ -78,7 +78,7 @@ def naive_step(m: CSR, x, k, multi_k, dead, cfg: TrainConfig):
 
 
 def two_view_self_contrastive(u, tau):
-    """DESIGN.md's reference formula: two identical views stacked (2B rows)."""
+    """The reference code's formula: two identical views stacked (2B rows)."""
     B = u.shape[0]
     v = torch.cat([u, u])
     s = v @ v.T / tau

@@ -28,7 +28,7 @@ from csr import zeroshot as zs
 from csr.checkpoint import load_model, save_checkpoint
 from csr.codes import load_codes
 from csr.io import CSRError
-from csr.knn import select_topk
+from csr.topk import select_topk
 from csr.model import CSR, CSRConfig, dense_code
 from csr.train import TrainConfig
 
@@ -289,10 +289,32 @@ def test_readme_command_parses_unchanged():
     args = main_multimodal.build_train_parser().parse_args(argv[3:])
     assert args.train_data == "shards-{0000..0575}.tar" and args.dataset_type == "webdataset"
     assert args.precision == "amp" and args.model == "ViT-B-16" and args.pretrained == "dfn2b"
-    assert (args.csr_topk, args.csr_auxk, args.csr_cl_coef, args.csr_hidden_size) == (64, 1024, 1.0, 2048)
+    assert (args.topk, args.auxk, args.cl_coef, args.hidden_size) == (64, 1024, 1.0, 2048)
     assert (args.csr_input_dim, args.epochs, args.batch_size, args.lr, args.wd) == (512, 5, 1024, 4e-4, 1e-4)
-    assert (args.grad_clip_norm, args.save_frequency) == (1.0, 1)
+    assert (args.grad_clip, args.save_frequency) == (1.0, 1)
     assert (args.train_num_samples, args.workers, args.feature_cache, args.csr_cl_on) == (2905954, 8, None, "recon")
+
+
+def test_shared_training_flags_and_the_papers_spellings_parse_alike():
+    """One definition of the training flags (csr/cli.py): the shared names and the paper's multimodal names
+    give the same arguments; the k annealing and resampling of the shared loop are reachable."""
+    parse = main_multimodal.build_train_parser().parse_args
+    paper = parse("--train-data x.tar --csr-topk 16 --csr-auxk 64 --csr-hidden-size 256 --csr-dead-threshold 5 "
+                  "--csr-tied False --csr-cl_coef 0.5 --csr-auxk-coef 0.1 --csr-multi-k-coef 0.2 --csr-recon-loss nmse "
+                  "--eps 1e-8 --lr-scheduler const --warmup 7 --grad-clip-norm 2 --batch-size 64 --resume latest".split())
+    shared = parse("--train-data x.tar --topk 16 --auxk 64 --hidden-size 256 --dead_threshold 5 --tied False "
+                   "--cl_coef 0.5 --auxk_coef 0.1 --multi-k-coef 0.2 --recon-loss nmse --adam-eps 1e-8 "
+                   "--schedule constant --warmup-steps 7 --grad-clip 2 --batch-size 64 --resume".split())
+    assert vars(paper) == vars(shared)
+    assert (paper.schedule, paper.resume, paper.batch_size) == ("constant", True, 64)
+    a = parse("--train-data x.tar --k-start 32 --k-anneal-fraction 0.7 --resample-every 14 --resume run/last.pt".split())
+    assert (a.k_start, a.k_anneal_fraction, a.resample_every, a.resume) == (32, 0.7, 14, "run/last.pt")
+    defaults = parse(["--train-data", "x.tar"])
+    assert (defaults.topk, defaults.hidden_size, defaults.epochs, defaults.adam_eps, defaults.cl) == (64, 2048, 5, 1e-6, "pair")
+    for bad, says in ((["--use_ddp", "True"], "DDP follows torchrun"), (["--cl", "self"], "--cl self"),
+                      (["--recipe", "recommended"], "recipes")):
+        with pytest.raises(CSRError, match=says):
+            main_multimodal.main(["--train-data", "x.tar", *bad])
 
 
 def test_no_training_flag_is_taken_by_torchrun():
@@ -307,7 +329,7 @@ def test_no_training_flag_is_taken_by_torchrun():
 def test_torchrun_two_processes_gloo(fx, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "main_multimodal.py"), *train_args(fx, tmp_path, "--batch-size", "8", "--max-steps", "2")]
+           str(ROOT / "main_multimodal.py"), *train_args(fx, tmp_path, "--batch-size", "16", "--max-steps", "2")]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "world size 2, 16 pairs per step" in p.stdout

@@ -189,3 +189,43 @@ def test_ddp_two_processes_match_single_process(fmnist, tmp_path, cl):
     ma, _ = load_model(tmp_path / "single" / "csr.pt")
     mb, _ = load_model(tmp_path / "ddp" / "csr.pt")
     assert torch.allclose(ma.encoder.weight, mb.encoder.weight, atol=2e-4)
+
+
+def test_paper_commands_run_in_order_as_written(tmp_path):
+    """The paper's README, stage by stage, on 60 + 60 real Fashion-MNIST images: every command as the paper
+    writes it (extraction from ImageFolder trees and sharded, as tiny data needs; the default layout under
+    $CSR_RUNS instead of <repository>/runs), the retrieval commands from retrieval/ with nothing but --topk."""
+    import prepare_fashion_mnist
+    prepare_fashion_mnist.main(["--out", str(tmp_path / "fm"), "--subset", "6", "--progress", "False"])
+    runs = tmp_path / "runs"
+    env = dict(os.environ, CSR_RUNS=str(runs), OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+
+    def paper(command: str, cwd=ROOT):
+        r = subprocess.run([sys.executable, *command.split()], cwd=cwd, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, f"{command}\n{r.stderr[-3000:]}"
+        return r
+
+    emb = runs / "emb"
+    paper(f"inference/pretrained_embeddings.py --train_dir {tmp_path / 'fm' / 'train'} --eval_dir "
+          f"{tmp_path / 'fm' / 'val'} --model_name tf_efficientnet_lite0 --weights efficientnet-lite0 --img-size 64 "
+          f"--shard-size 25 --workers 0 --device cpu --progress False")
+    assert sorted(p.name for p in emb.iterdir()) == ["train_shards", "val_shards"]
+    paper("stack_emb.py")
+    paper(f"main_visual.py --pretrained_emb {emb / 'train_emb.npy'} --model_name tf_efficientnet_lite0 --use_ddp False "
+          f"--gpu 1 --batch-size 4096 --lr 4e-4 --use_CL True --topk 8 --auxk 512 --hidden-size 8192")
+    ckpt = runs / "train_emb_k8" / "csr.pt"
+    paper(f"inference/csr_inference.py --train_emb_path {emb / 'train_emb.npy'} --eval_emb_path {emb / 'val_emb.npy'} "
+          f"--model_name tf_efficientnet_lite0 --topk 8 --hidden-size 8192 --cse_ckpt {ckpt}")
+    paper("faiss_nn.py --topk 8", cwd=ROOT / "retrieval")
+    paper("compute_metrics.py --topk 8", cwd=ROOT / "retrieval")
+    codes = load_codes(runs / "train_emb_k8" / "codes_k8" / "val_codes.npz")
+    assert (codes.n, codes.k, codes.hidden_size) == (60, 8, 8192)
+    assert np.load(runs / "train_emb_k8" / "codes_k8" / "nn.npy").shape == (60, 60)
+    metrics = json.loads((runs / "train_emb_k8" / "codes_k8" / "nn_metrics.json").read_text())["metrics"]
+    assert 0 <= metrics["top1"] <= 100
+    wrong = subprocess.run([sys.executable, "inference/csr_inference.py", "--eval_emb_path", str(emb / "val_emb.npy"),
+                            "--hidden-size", "4096", "--cse_ckpt", str(ckpt), "--out", str(tmp_path / "c")],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and wrong.stderr.strip().splitlines() == [
+        f"error: --hidden-size 4096: {ckpt} has hidden_size 8192"]

@@ -12,8 +12,9 @@ import torch
 from csr.baselines import PCA, MRLConfig, train_mrl
 from csr.codes import SparseCodes, save_codes
 from csr.io import read_rows
-from csr.knn import merge_topk, search, select_topk
-from csr.scale import DryRun, Stage, run_stage
+from csr.knn import merge_topk, search
+from csr.topk import select_topk
+from bench.dry_run import DryRun, Stage, run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
@@ -159,9 +160,6 @@ def test_faiss_nn_under_torchrun_writes_the_same_neighbours(tmp_path):
 # ----------------------------------------------------------------------------- sharded extraction
 
 def test_extraction_two_processes_writes_the_same_shards(tmp_path):
-    from csr.fashion_mnist import DEFAULT_SOURCE
-    if not DEFAULT_SOURCE.is_dir():
-        pytest.skip("Debian package dataset-fashion-mnist missing")
     import prepare_fashion_mnist
     import stack_emb
     prepare_fashion_mnist.main(["--out", str(tmp_path / "fm"), "--subset", "9", "--progress", "False"])

@@ -13,7 +13,8 @@ import torch
 from csr.codes import SparseCodes
 from csr.io import CSRError
 from csr.knn import search
-from csr.sparse_knn import build_index, sparse_topk, sparse_topk_torch
+from csr.sparse_knn import build_index, sparse_topk
+from csr.sparse_knn_torch import sparse_topk_torch
 from csr.synthetic import authors_exponent, describe_skew, random_codes
 from knn_reference import TOL, assert_same_as_faiss, dense_normalized
 

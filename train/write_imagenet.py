@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None):
         raise CSRError(f"--max_resolution must be >= 1, got {args.max_resolution}")
     if args.num_workers < 1 or args.chunk_size < 1:
         raise CSRError("--num_workers and --chunk_size must be >= 1")
-    check_output(args.write_path, args.overwrite)
+    check_output(args.write_path, args.overwrite, sidecar=True)
     split = args.split or args.data_dir.name
     print(f"writing {split}: {args.data_dir} -> {args.write_path} (max side {args.max_resolution}px, "
           f"{args.write_mode}, JPEG share {args.compress_probability}, quality {args.jpeg_quality})", file=sys.stderr)

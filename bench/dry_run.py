@@ -1,5 +1,7 @@
 """ImageNet-scale dry run: synthetic ImageNet-shaped embeddings on disk, then the real stages, each measured.
 
+The harness of bench/scale.py (a benchmark, not library code: it runs the stage scripts).
+
 - `write_imagenet_like` writes `{split}_emb.npy` (float32 `[N, d]`, memory-mapped, block by block: RAM does not
   grow with N) and `{split}_labels.npy`: non-negative rows (post-ReLU, as pooled CNN features) with a large
   shared mean, 1000 class clusters in a low-dimensional subspace and isotropic noise (`SyntheticSpec`).

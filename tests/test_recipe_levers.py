@@ -1,0 +1,94 @@
+"""Mechanisms of the recipe levers of issue #21 (each checked against a plain reference)."""
+import numpy as np
+import torch
+
+from csr.model import CSR, CSRConfig
+from csr.remedies import init_encoder_from_pca, init_pre_bias
+
+
+def anisotropic_rows(n: int = 400, d: int = 16, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, d)) * np.linspace(3, 0.1, d) + 0.5).astype(np.float32)
+
+
+def test_pca_init_codes_are_the_best_k_terms_of_the_principal_basis():
+    x = anisotropic_rows()
+    for tied in (True, False):
+        m = CSR(CSRConfig(16, 32, topk=4, tied=tied))
+        init_pre_bias(m, x, "mean", seed=0)
+        init_encoder_from_pca(m, x, seed=0)
+        mu = x.mean(0)
+        evals, evecs = np.linalg.eigh(np.cov((x - mu).T, bias=True))
+        u = evecs[:, ::-1].T  # principal directions, largest variance first
+        w = m.encoder.weight.detach().numpy()
+        assert np.allclose(np.abs(w[0::2] @ u.T), np.eye(16), atol=1e-4)  # unit 2i = ±u_i ...
+        assert np.allclose(w[1::2], -w[0::2])  # ... and unit 2i+1 its opposite
+        xt = torch.from_numpy(x)
+        idx, vals = m.encode(xt, 4)
+        rec = m.decode(idx, vals).detach().numpy()
+        c = (x - mu) @ u.T  # principal coefficients
+        best = np.argsort(-np.abs(c), 1, kind="stable")[:, :4]  # reference: the 4 largest |c_i| of each row
+        ref = mu + np.einsum("nk,nkd->nd", np.take_along_axis(c, best, 1), u[best])
+        assert np.allclose(rec, ref, atol=1e-4)
+        pca_k = mu + c[:, :4] @ u[:4]  # PCA's first 4 coefficients
+        err = ((x - rec) ** 2).sum(1)
+        assert (err <= ((x - pca_k) ** 2).sum(1) + 1e-4).all()  # never worse than PCA, row by row
+
+
+def test_pca_init_fills_units_past_two_d_from_data():
+    x = anisotropic_rows(d=8)
+    m = CSR(CSRConfig(8, 24, topk=2))
+    init_pre_bias(m, x, "mean", seed=0)
+    init_encoder_from_pca(m, x, seed=0)
+    w = m.encoder.weight.detach()
+    assert torch.allclose(w[:16].norm(dim=1), torch.ones(16), atol=1e-5)
+    extra = w[16:] / w[16:].norm(dim=1, keepdim=True)
+    centred = torch.from_numpy(x) - m.pre_bias.detach()
+    centred = centred / centred.norm(dim=1, keepdim=True)
+    assert ((extra @ centred.T).max(1).values > 0.999).all()  # each extra unit is the direction of a training row
+
+
+def test_panel_table_and_summary_equal_a_direct_computation(tmp_path):
+    """The panel runner on a tiny panel (one non-negative set, one signed 'text' set): its PCA cells equal a
+    direct PCA + exact 1-NN on the same split, and its summary counts equal a plain recount of its cells."""
+    import json
+    from bench import recipe_val as rv
+    from csr.baselines import PCA
+    from csr.sweep import evaluate
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((4, 12)) * 2
+    y = rng.integers(0, 4, 240)
+    for name, shift in (("img", 3.0), ("txt", 0.0)):
+        x = (centers[y] + rng.standard_normal((240, 12))).astype(np.float32) + shift
+        if shift:
+            x = np.maximum(x, 0)
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "train_emb.npy", x)
+        np.save(tmp_path / name / "train_labels.npy", y)
+    res = rv.main(["--sets", f"img={tmp_path / 'img'}:200", f"txt={tmp_path / 'txt'}", "--text-sets", "txt",
+                   "--ks", "2", "4", "--epochs", "2", "--batch-size", "64", "--hidden-size", "32", "--auxk", "8",
+                   "--mrl-epochs", "1", "--runs", str(tmp_path / "runs"), "--try", "encoder_init=pca"])
+    cells = res["cells"]
+    cand = "recommended encoder_init=pca"
+    assert {c["method"] for c in cells} == {"pca", "mrl_unsup", "paper", cand} and len(cells) == 16
+    x = np.load(tmp_path / "img" / "train_emb.npy")
+    xdb, ydb, xq, yq = rv.val_split(x, y, 200, 0.1, 0)
+    assert len(xdb) == 180 and len(xq) == 20
+    pca = PCA(12).fit(xdb)
+    for k in (2, 4):
+        direct = evaluate(pca.transform(xdb, k), pca.transform(xq, k), ydb, yq)["top1"]
+        assert next(c for c in cells if c["set"] == "img" and c["method"] == "pca" and c["k"] == k)["top1"] == direct
+    assert all("v_measure" in c for c in cells if c["set"] == "txt")
+    assert not any("v_measure" in c for c in cells if c["set"] == "img")
+    for comp in res["comparisons"]:  # a plain recount of the candidate against each baseline
+        m, b = comp["metric"], comp["baseline"]
+        gaps = [c[m] - d[m] for c in cells for d in cells if c["method"] == cand and d["method"] == b
+                and (c["set"], c["k"]) == (d["set"], d["k"]) and m in c]
+        assert (comp["wins"], comp["ties"], comp["losses"]) == (sum(g > 0.3 for g in gaps),
+                                                                sum(abs(g) <= 0.3 for g in gaps), sum(g < -0.3 for g in gaps))
+        assert comp["worst_gap"] == round(min(gaps), 2)
+        assert f"{comp['wins']} wins / {comp['ties']} ties / {comp['losses']} losses" in res["report"]
+    saved = json.loads((tmp_path / "runs" / "panel_recommended_encoder_init-pca.json").read_text())
+    assert saved["cells"] == json.loads(json.dumps(cells))
+    for c in cells:  # the table shows every cell's number
+        assert f"{c['top1']:.2f}" in res["report"]
