@@ -143,7 +143,11 @@ def precision_from_args(value: str, device: str = "auto", say: bool = True) -> s
 
     from csr.precision import resolve_precision
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    chosen, line = resolve_precision(value, torch.device(dev.split(":")[0]))
+    try:
+        where = torch.device(dev.split(":")[0])
+    except RuntimeError:
+        raise CSRError(f"--device {device}: not a device (auto, cpu or cuda)") from None
+    chosen, line = resolve_precision(value, where)
     if say and os.environ.get("RANK", "0") == "0":
         print(line, flush=True)
     return chosen
