@@ -13,12 +13,13 @@ import torch
 import main_visual
 from csr.checkpoint import load_model
 from csr.codes import load_codes
+from csr.distributed import Runtime
 from csr.fashion_mnist import DEFAULT_SOURCE, load_split
 from csr.io import CSRError
 from csr.knn import search
 from csr.metrics import retrieval_metrics
 from csr.model import CSR, CSRConfig
-from csr.train import TrainConfig, TrainData, train
+from csr.train import Batches, TrainConfig, TrainData, train
 from knn_reference import assert_same_as_faiss
 from inference import csr_inference
 from retrieval import compute_metrics, faiss_nn
@@ -152,12 +153,18 @@ def test_resume_after_crash_mid_epoch_gives_identical_model(fmnist, tmp_path):
     class Crash(Exception):
         pass
 
-    def crash(step, terms):
-        if step == 13:  # mid second epoch (8 steps per epoch)
-            raise Crash()
+    class CrashingBatches(Batches):  # asked for a 14th batch: a crash after 13 steps, mid second epoch (8 per epoch)
+        served = 0
+
+        def epoch(self, epoch):
+            for batch in super().epoch(epoch):
+                if self.served == 13:
+                    raise Crash()
+                self.served += 1
+                yield batch
 
     with pytest.raises(Crash):
-        train(make(), TrainData(x), cfg, tmp_path / "run", progress=False, on_step=crash)
+        train(make(), CrashingBatches(TrainData(x), cfg, Runtime()), cfg, tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "csr.pt").exists()
     resumed = make()
     train(resumed, TrainData(x), cfg, tmp_path / "run", progress=False, resume=True)
