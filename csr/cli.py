@@ -146,7 +146,7 @@ def precision_from_args(value: str, device: str = "auto", say: bool = True) -> s
     try:
         where = torch.device(dev.split(":")[0])
     except RuntimeError:
-        raise CSRError(f"--device {device}: not a device (auto, cpu or cuda)") from None
+        raise CSRError(f"--device {device}: expected auto, cpu, cuda or cuda:N") from None
     chosen, line = resolve_precision(value, where)
     if say and os.environ.get("RANK", "0") == "0":
         print(line, flush=True)
