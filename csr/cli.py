@@ -95,7 +95,8 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
 
 
 # the named recipes (csr.recipes.RECIPES) besides "paper", and the result row each gets in the sweep / text demo
-RECIPE_ROWS = {"recommended": "csr_rec", "recommended+labels": "csr_rec_label"}
+RECIPE_ROWS = {"recommended": "csr_rec", "recommended+labels": "csr_rec_label", "adaptive": "csr_ada",
+               "adaptive+labels": "csr_ada_label"}
 
 
 def unit_interval(s: str) -> float:

@@ -33,6 +33,24 @@ RECIPES: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
                            "signed": (SIGNED[0], {**SIGNED[1], "cl": "label", "cl_coef": 1.0})},
 }
 ROWS_PER_UNIT = 4
+# "adaptive": the recommended branches, started from the principal directions (`--encoder-init pca`) and sized
+# from the rows AND k: each unit should fire for about FIRES_PER_UNIT training rows (rows·k / hidden), and an
+# epoch should hold at least STEPS_PER_EPOCH optimiser steps (batch a power of two in [MIN_BATCH, the flag]).
+RECIPES["adaptive"] = {kind: (m, {**t, "encoder_init": "pca"}) for kind, (m, t) in RECIPES["recommended"].items()}
+RECIPES["adaptive+labels"] = {kind: (m, {**t, "encoder_init": "pca"})
+                              for kind, (m, t) in RECIPES["recommended+labels"].items()}
+FIRES_PER_UNIT = 64
+STEPS_PER_EPOCH = 16
+MIN_BATCH = 256
+
+
+def adaptive_sizes(rows: int, k: int, d: int, hidden: int, batch: int) -> tuple[int, int]:
+    """(hidden size, batch size) of the adaptive recipe for `rows` training rows of width `d` at k."""
+    units = min(hidden, rows // ROWS_PER_UNIT, max(rows * k // FIRES_PER_UNIT, 2 * k))
+    b = batch
+    while b > MIN_BATCH and rows // b < STEPS_PER_EPOCH:
+        b //= 2
+    return max(units, k), b
 
 
 def is_nonnegative(x: np.ndarray, sample: int = 10000, seed: int = 0) -> bool:
@@ -51,7 +69,13 @@ def apply_recipe(name: str, model_cfg: Any, train_cfg: TrainConfig, x: np.ndarra
     kind = "nonnegative" if x is None or is_nonnegative(x) else "signed"
     mchange, tchange = RECIPES[name][kind]
     model_cfg, train_cfg = replace(model_cfg, **mchange), replace(train_cfg, **tchange)
-    if name != "paper" and x is not None and not hidden_fixed:
+    if name.startswith("adaptive") and x is not None:
+        hidden, batch = adaptive_sizes(len(x), model_cfg.topk, model_cfg.input_dim, model_cfg.hidden_size,
+                                       train_cfg.batch_size)
+        train_cfg = replace(train_cfg, batch_size=batch)
+        if not hidden_fixed:
+            model_cfg = replace(model_cfg, hidden_size=hidden)
+    elif name != "paper" and x is not None and not hidden_fixed:
         cap = max(len(x) // ROWS_PER_UNIT, 4 * model_cfg.topk)
         if cap < model_cfg.hidden_size:
             model_cfg = replace(model_cfg, hidden_size=cap)

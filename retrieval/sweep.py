@@ -150,7 +150,8 @@ def run_sweep(args, rt, xtr, ytr, xte, yte, name, out, meta, header, model_cfg, 
         if "csr" in args.methods:
             parts.append(timed("csr", lambda: sw.csr(k, model_cfg, train_cfg)))
         for recipe in args.recipes:
-            mcfg, tcfg = apply_recipe(recipe, model_cfg, train_cfg, xtr, args.hidden_size is not None)
+            # at this k: a recipe may size the model from the rows and k
+            mcfg, tcfg = apply_recipe(recipe, replace(model_cfg, topk=k), train_cfg, xtr, args.hidden_size is not None)
             r = timed("csr", lambda: sw.csr(k, mcfg, tcfg, tag=f"{RECIPE_ROWS[recipe]}_k{k}"))
             parts.append({**r, "row": RECIPE_ROWS[recipe]})
         if "csr_one" in args.methods and args.one_model_k:
@@ -158,13 +159,14 @@ def run_sweep(args, rt, xtr, ytr, xte, yte, name, out, meta, header, model_cfg, 
             parts.append({**r, "row": "csr_one"})
     ablation = []
     trained_at_ablation_k = [((model_cfg, train_cfg), f"csr_k{args.ablation_k}")]
-    trained_at_ablation_k += [(apply_recipe(r, model_cfg, train_cfg, xtr, args.hidden_size is not None),
+    at_ablation_k = replace(model_cfg, topk=args.ablation_k or model_cfg.topk)  # a recipe may size the model by k
+    trained_at_ablation_k += [(apply_recipe(r, at_ablation_k, train_cfg, xtr, args.hidden_size is not None),
                                f"{RECIPE_ROWS[r]}_k{args.ablation_k}")
                               for r in args.recipes]
     if args.ablation_k:
         for variant in args.ablations:
             if isinstance(ABLATIONS[variant], str):
-                mcfg, tcfg = apply_recipe(ABLATIONS[variant], model_cfg, train_cfg, xtr, args.hidden_size is not None)
+                mcfg, tcfg = apply_recipe(ABLATIONS[variant], at_ablation_k, train_cfg, xtr, args.hidden_size is not None)
                 mchange, tchange = {}, {"recipe": ABLATIONS[variant]}
             else:
                 mchange, tchange = ABLATIONS[variant]

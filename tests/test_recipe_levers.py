@@ -1,5 +1,6 @@
 """Mechanisms of the recipe levers of issue #21 (each checked against a plain reference)."""
 import numpy as np
+import pytest
 import torch
 
 from csr.model import CSR, CSRConfig
@@ -67,17 +68,24 @@ def test_panel_table_and_summary_equal_a_direct_computation(tmp_path):
         np.save(tmp_path / name / "train_labels.npy", y)
     res = rv.main(["--sets", f"img={tmp_path / 'img'}:200", f"txt={tmp_path / 'txt'}", "--text-sets", "txt",
                    "--ks", "2", "4", "--epochs", "2", "--batch-size", "64", "--hidden-size", "32", "--auxk", "8",
-                   "--mrl-epochs", "1", "--runs", str(tmp_path / "runs"), "--try", "encoder_init=pca"])
+                   "--mrl-epochs", "1", "--min-queries", "40", "--runs", str(tmp_path / "runs"), "--try", "encoder_init=pca"])
     cells = res["cells"]
     cand = "recommended encoder_init=pca"
     assert {c["method"] for c in cells} == {"pca", "mrl_unsup", "paper", cand} and len(cells) == 16
     x = np.load(tmp_path / "img" / "train_emb.npy")
-    xdb, ydb, xq, yq = rv.val_split(x, y, 200, 0.1, 0)
-    assert len(xdb) == 180 and len(xq) == 20
-    pca = PCA(12).fit(xdb)
+    direct = {2: [], 4: []}
+    queried = []
+    for fold in (0, 1):  # --min-queries 40 over blocks of 20 rows: two folds, disjoint queries
+        xdb, ydb, xq, yq = rv.val_split(x, y, 200, 0.1, 0, fold)
+        assert len(xdb) == 180 and len(xq) == 20
+        queried.append({tuple(r) for r in xq})
+        pca = PCA(12).fit(xdb)
+        for k in (2, 4):
+            direct[k].append(evaluate(pca.transform(xdb, k), pca.transform(xq, k), ydb, yq)["top1"])
+    assert not queried[0] & queried[1]
     for k in (2, 4):
-        direct = evaluate(pca.transform(xdb, k), pca.transform(xq, k), ydb, yq)["top1"]
-        assert next(c for c in cells if c["set"] == "img" and c["method"] == "pca" and c["k"] == k)["top1"] == direct
+        cell = next(c for c in cells if c["set"] == "img" and c["method"] == "pca" and c["k"] == k)
+        assert cell["top1"] == pytest.approx(np.mean(direct[k])) and cell["queries"] == 40
     assert all("v_measure" in c for c in cells if c["set"] == "txt")
     assert not any("v_measure" in c for c in cells if c["set"] == "img")
     for comp in res["comparisons"]:  # a plain recount of the candidate against each baseline
@@ -92,3 +100,33 @@ def test_panel_table_and_summary_equal_a_direct_computation(tmp_path):
     assert saved["cells"] == json.loads(json.dumps(cells))
     for c in cells:  # the table shows every cell's number
         assert f"{c['top1']:.2f}" in res["report"]
+
+
+def test_adaptive_recipe_sizes_the_model_from_rows_and_k():
+    """The adaptive recipe: each unit fires for at least FIRES_PER_UNIT rows on average (rows·k / hidden) unless
+    the 2·k floor holds, never more units than the flag or one per 4 rows; the batch halves (powers of two) until
+    an epoch holds STEPS_PER_EPOCH steps or it reaches MIN_BATCH; the encoder starts from the principal
+    directions; an explicit --hidden-size is kept."""
+    from csr.recipes import FIRES_PER_UNIT, MIN_BATCH, ROWS_PER_UNIT, STEPS_PER_EPOCH, apply_recipe
+    from csr.train import TrainConfig
+    rng = np.random.default_rng(0)
+    seen = set()
+    for rows in (300, 1600, 5000, 60000):
+        x = rng.normal(size=(rows, 16)).astype(np.float32)
+        for k in (2, 8, 64):
+            mcfg, tcfg = CSRConfig(input_dim=384, hidden_size=1536, topk=k), TrainConfig()
+            for xs in (x, np.abs(x)):
+                m, t = apply_recipe("adaptive", mcfg, tcfg, xs)
+                assert t.encoder_init == "pca" and m.topk == k
+                assert k <= m.hidden_size <= 1536 and m.hidden_size <= max(rows // ROWS_PER_UNIT, k)
+                assert rows * k / m.hidden_size >= FIRES_PER_UNIT or m.hidden_size <= 2 * k or \
+                    m.hidden_size in (1536, rows // ROWS_PER_UNIT)
+                assert t.batch_size <= 4096 and 4096 % t.batch_size == 0
+                assert rows // t.batch_size >= STEPS_PER_EPOCH or t.batch_size == MIN_BATCH
+                assert t.batch_size == 4096 or rows // (2 * t.batch_size) < STEPS_PER_EPOCH
+                assert apply_recipe("adaptive", mcfg, tcfg, xs, hidden_fixed=True)[0].hidden_size == 1536
+            seen.add(m.hidden_size)
+    assert len(seen) > 5  # the size really follows rows and k
+    m, t = apply_recipe("adaptive+labels", CSRConfig(input_dim=384, hidden_size=1536, topk=8), TrainConfig(),
+                        np.abs(rng.normal(size=(5000, 16))))
+    assert t.cl == "label" and t.encoder_init == "pca" and m.hidden_size == 5000 * 8 // FIRES_PER_UNIT
