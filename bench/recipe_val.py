@@ -48,7 +48,8 @@ PANEL: dict[str, tuple[str, int, bool]] = {
 BUILD = {".cache/fmnist/emb": "make .cache/fmnist/emb/val_emb.npy",
          **{f".cache/text/{c}_128": f"python main_text.py embed --dataset {c} --max-seq-length 128 "
                                     f"--out .cache/text/{c}_128" for c in ("bbc", "r8", "20ng")}}
-BASELINES = {"pca": "PCA", "mrl_unsup": "MRL adaptor (no labels)", "paper": "CSR, paper recipe"}
+BASELINES = {"pca": "PCA", "mrl_unsup": "MRL adaptor (no labels)", "paper": "CSR, paper recipe",
+             "mrl": "MRL adaptor (labels)"}  # the last only against a candidate that trains with labels
 
 
 @dataclass
@@ -154,6 +155,7 @@ def fold_cells(ps: PanelSet, x: np.ndarray, y: np.ndarray, fold: int, args, cand
         cand_m, cand_t = configs_from_args(argparse.Namespace(**{**vars(args), "topk": k}), x.shape[1], xdb)
         cand_m, cand_t = replace(cand_m, **mchange), replace(cand_t, **tchange)
         got = {"pca": sw.pca(k), "mrl_unsup": sw.mrl(k, mrl_cfg, supervised=False),
+               **({"mrl": sw.mrl(k, mrl_cfg, supervised=True)} if cand_t.cl == "label" else {}),
                "paper": sw.csr(k, model_cfg, train_cfg, tag=f"paper_k{k}"),
                candidate: sw.csr(k, cand_m, cand_t, tag=f"cand_k{k}")}
         for method, r in got.items():
@@ -192,7 +194,8 @@ def table(cells: list[dict], ks: list[int], methods: list[str], names: dict[str,
 
 
 def summary_lines(cells: list[dict], candidate: str, tie: float) -> tuple[list[str], list[dict]]:
-    comps = [compare(cells, candidate, b, "top1", tie) for b in BASELINES]
+    methods = {c["method"] for c in cells}
+    comps = [compare(cells, candidate, b, "top1", tie) for b in BASELINES if b in methods]
     if any("v_measure" in c for c in cells):
         comps.append(compare(cells, candidate, "pca", "v_measure", tie))
     lines = [f"{candidate} vs {BASELINES[c['baseline']]} ({'V-measure' if c['metric'] == 'v_measure' else 'top-1'}): "
@@ -231,11 +234,11 @@ def main(argv=None) -> dict:
     print(f"panel: {', '.join(s.name for s in sets)}; ks {args.ks}; candidate: {candidate}", flush=True)
     cells = [c for ps in sets for c in run_set(ps, args, candidate, mchange, tchange)]
     lines, comps = summary_lines(cells, candidate, args.tie)
+    shown = [m for m in (*BASELINES, candidate) if any(c["method"] == m for c in cells)]
     report = "\n".join([f"Panel (validation splits of training rows), candidate `{candidate}`; 1-NN top-1 % "
                         f"(text: top-1 / V-measure); command: python bench/recipe_val.py "
                         + " ".join(sys.argv[1:] if argv is None else argv), "",
-                        table(cells, args.ks, ["pca", "mrl_unsup", "paper", candidate],
-                              {**BASELINES, candidate: f"CSR, {candidate}"}), "", *lines])
+                        table(cells, args.ks, shown, {**BASELINES, candidate: f"CSR, {candidate}"}), "", *lines])
     print("\n" + report)
     print(f"panel done in {time.time() - t0:.0f}s wall")
     tag = candidate.replace(" ", "_").replace("=", "-").replace("/", "_")

@@ -34,19 +34,22 @@ RECIPES: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
 }
 ROWS_PER_UNIT = 4
 # "adaptive": the recommended branches, started from the principal directions (`--encoder-init pca`) and sized
-# from the rows AND k: each unit should fire for about FIRES_PER_UNIT training rows (rows·k / hidden), and an
-# epoch should hold at least STEPS_PER_EPOCH optimiser steps (batch a power of two in [MIN_BATCH, the flag]).
+# from the rows AND k: each unit should fire for about FIRES_PER_UNIT training rows (rows·k / hidden; signed rows
+# want fewer, busier units: their codes cluster better and fewer die), and an epoch should hold at least
+# STEPS_PER_EPOCH optimiser steps (batch a power of two in [MIN_BATCH, the flag]; at batch 4096 a 3k-row set
+# trained 10 steps in all).
 RECIPES["adaptive"] = {kind: (m, {**t, "encoder_init": "pca"}) for kind, (m, t) in RECIPES["recommended"].items()}
 RECIPES["adaptive+labels"] = {kind: (m, {**t, "encoder_init": "pca"})
                               for kind, (m, t) in RECIPES["recommended+labels"].items()}
-FIRES_PER_UNIT = 64
+FIRES_PER_UNIT = {"nonnegative": 64, "signed": 256}
 STEPS_PER_EPOCH = 16
 MIN_BATCH = 256
 
 
-def adaptive_sizes(rows: int, k: int, d: int, hidden: int, batch: int) -> tuple[int, int]:
-    """(hidden size, batch size) of the adaptive recipe for `rows` training rows of width `d` at k."""
-    units = min(hidden, rows // ROWS_PER_UNIT, max(rows * k // FIRES_PER_UNIT, 2 * k))
+def adaptive_sizes(rows: int, k: int, hidden: int, batch: int, fires: int) -> tuple[int, int]:
+    """(hidden size, batch size) of the adaptive recipe for `rows` training rows at k (`hidden`, `batch`: the
+    flags' values, never exceeded; `fires`: training rows per unit)."""
+    units = min(hidden, rows // ROWS_PER_UNIT, max(rows * k // fires, 2 * k))
     b = batch
     while b > MIN_BATCH and rows // b < STEPS_PER_EPOCH:
         b //= 2
@@ -70,8 +73,8 @@ def apply_recipe(name: str, model_cfg: Any, train_cfg: TrainConfig, x: np.ndarra
     mchange, tchange = RECIPES[name][kind]
     model_cfg, train_cfg = replace(model_cfg, **mchange), replace(train_cfg, **tchange)
     if name.startswith("adaptive") and x is not None:
-        hidden, batch = adaptive_sizes(len(x), model_cfg.topk, model_cfg.input_dim, model_cfg.hidden_size,
-                                       train_cfg.batch_size)
+        hidden, batch = adaptive_sizes(len(x), model_cfg.topk, model_cfg.hidden_size, train_cfg.batch_size,
+                                       FIRES_PER_UNIT[kind])
         train_cfg = replace(train_cfg, batch_size=batch)
         if not hidden_fixed:
             model_cfg = replace(model_cfg, hidden_size=hidden)

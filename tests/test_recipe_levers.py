@@ -103,7 +103,7 @@ def test_panel_table_and_summary_equal_a_direct_computation(tmp_path):
 
 
 def test_adaptive_recipe_sizes_the_model_from_rows_and_k():
-    """The adaptive recipe: each unit fires for at least FIRES_PER_UNIT rows on average (rows·k / hidden) unless
+    """The adaptive recipe: each unit fires for at least FIRES_PER_UNIT rows (by sign) on average (rows·k / hidden) unless
     the 2·k floor holds, never more units than the flag or one per 4 rows; the batch halves (powers of two) until
     an epoch holds STEPS_PER_EPOCH steps or it reaches MIN_BATCH; the encoder starts from the principal
     directions; an explicit --hidden-size is kept."""
@@ -119,7 +119,8 @@ def test_adaptive_recipe_sizes_the_model_from_rows_and_k():
                 m, t = apply_recipe("adaptive", mcfg, tcfg, xs)
                 assert t.encoder_init == "pca" and m.topk == k
                 assert k <= m.hidden_size <= 1536 and m.hidden_size <= max(rows // ROWS_PER_UNIT, k)
-                assert rows * k / m.hidden_size >= FIRES_PER_UNIT or m.hidden_size <= 2 * k or \
+                fires = FIRES_PER_UNIT["nonnegative" if xs.min() >= 0 else "signed"]
+                assert rows * k / m.hidden_size >= fires or m.hidden_size <= 2 * k or \
                     m.hidden_size in (1536, rows // ROWS_PER_UNIT)
                 assert t.batch_size <= 4096 and 4096 % t.batch_size == 0
                 assert rows // t.batch_size >= STEPS_PER_EPOCH or t.batch_size == MIN_BATCH
@@ -129,4 +130,22 @@ def test_adaptive_recipe_sizes_the_model_from_rows_and_k():
     assert len(seen) > 5  # the size really follows rows and k
     m, t = apply_recipe("adaptive+labels", CSRConfig(input_dim=384, hidden_size=1536, topk=8), TrainConfig(),
                         np.abs(rng.normal(size=(5000, 16))))
-    assert t.cl == "label" and t.encoder_init == "pca" and m.hidden_size == 5000 * 8 // FIRES_PER_UNIT
+    assert t.cl == "label" and t.encoder_init == "pca" and m.hidden_size == 5000 * 8 // FIRES_PER_UNIT["nonnegative"]
+    assert FIRES_PER_UNIT["signed"] > FIRES_PER_UNIT["nonnegative"]
+
+
+def test_panel_compares_a_labelled_candidate_with_the_labelled_mrl_adaptor(tmp_path):
+    """A candidate that trains with labels (`--recipe adaptive+labels`) is also compared with the MRL adaptor
+    trained with the same labels; a label-free candidate is not."""
+    from bench import recipe_val as rv
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 200)
+    x = np.maximum(rng.standard_normal((3, 10))[y] + rng.standard_normal((200, 10)) + 2, 0).astype(np.float32)
+    (tmp_path / "s").mkdir()
+    np.save(tmp_path / "s" / "train_emb.npy", x)
+    np.save(tmp_path / "s" / "train_labels.npy", y)
+    res = rv.main(["--sets", f"s={tmp_path / 's'}", "--recipe", "adaptive+labels", "--ks", "2", "--epochs", "1",
+                   "--mrl-epochs", "1", "--min-queries", "20", "--runs", str(tmp_path / "runs")])
+    assert {c["method"] for c in res["cells"]} == {"pca", "mrl_unsup", "mrl", "paper", "adaptive+labels"}
+    assert [c["baseline"] for c in res["comparisons"]] == ["pca", "mrl_unsup", "paper", "mrl"]
+    assert "MRL adaptor (labels)" in res["report"]
