@@ -118,6 +118,7 @@ def test_adaptive_recipe_sizes_the_model_from_rows_and_k():
             for xs in (x, np.abs(x)):
                 m, t = apply_recipe("adaptive", mcfg, tcfg, xs)
                 assert t.encoder_init == "pca" and m.topk == k
+                assert t.bpre_init == ("geometric_median" if xs.min() >= 0 else "mean")
                 assert k <= m.hidden_size <= 1536 and m.hidden_size <= max(rows // ROWS_PER_UNIT, k)
                 fires = FIRES_PER_UNIT["nonnegative" if xs.min() >= 0 else "signed"]
                 assert rows * k / m.hidden_size >= fires or m.hidden_size <= 2 * k or \
