@@ -43,7 +43,7 @@ from csr.knn import search  # noqa: E402
 from csr.metrics import retrieval_metrics  # noqa: E402
 from csr.model import CSR, CSRConfig  # noqa: E402
 from csr.precision import resolve_precision  # noqa: E402
-from csr.recipes import apply_recipe  # noqa: E402
+from csr.recipes import RECIPES, apply_recipe  # noqa: E402
 from csr.train import Batches, TrainConfig, TrainData, make_scheduler, optimizer_step, step_losses, train  # noqa: E402
 
 
@@ -231,7 +231,7 @@ def main(argv=None) -> None:
     p.add_argument("--dead-fraction", type=float, default=0.9, help="speed: share of units dead at the start")
     bool_flag(p, "--reference", default=True, help="speed: time the authors' step too (slow: ~20x ours)")
     bool_flag(p, "--fidelity", default=False, help="train fp32 and bf16 models and compare their accuracy")
-    p.add_argument("--recipes", nargs="+", default=["paper"], choices=["paper", "recommended", "recommended+labels"],
+    p.add_argument("--recipes", nargs="+", default=["paper"], choices=["paper", *RECIPES],
                    help="fidelity: recipes to train at each k")
     p.add_argument("--epochs", type=positive_int, default=10, help="fidelity: epochs (paper: 10)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")

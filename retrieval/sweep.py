@@ -75,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["csr", "csr_one", "mrl", "mrl_unsup", "pca", "trunc", "full"], help="methods to run")
     s.add_argument("--one-model-k", type=nonneg_int, default=0,
                    help="with method csr_one: train ONE CSR at this k and evaluate it at every k in --ks")
-    s.add_argument("--recipes", nargs="*", default=list(RECIPE_ROWS), choices=list(RECIPE_ROWS),
+    s.add_argument("--recipes", nargs="*", default=["recommended", "recommended+labels"], choices=list(RECIPE_ROWS),
                    help="extra CSR rows at every k, each a named recipe applied on top of the flags (default: "
-                        "both; none: `--recipes` alone). The main CSR row is the flags' recipe: the paper's by default")
+                        "recommended and recommended+labels; none: `--recipes` alone). The main CSR row is the flags' recipe: the paper's by default")
     s.add_argument("--ablation-k", type=nonneg_int, default=32, help="k of the ablation (0 = no ablation)")
     s.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS), metavar="VARIANT",
                    help="ablation variants (default: all): " + "; ".join(ABLATIONS))
