@@ -10,9 +10,9 @@ of several corpora (PANEL below; each set reads `train_emb.npy` + `train_labels.
 `main_text.py embed` writes: BUILD says how). Each set is first subsampled to its row count (a fixed draw), then
 a fixed permutation (--split-seed) puts --val-fraction of those rows aside as queries against the rest as the
 database. On small sets the query block rotates over folds until --min-queries rows have been queried (models
-trained per fold, cells averaged), so one query does not move a cell by half a point. At every k: PCA fit on the database rows, the label-free MRL adaptor, CSR with the paper's recipe (the
-flags) and CSR with --recipe plus the --try changes (the candidate); text sets add V-measure (k-means on the
-queries). Parts are cached under --runs/<set> by the sweep's digests (csr/sweep.py), so a re-run with another
+trained per fold, cells averaged), so one query does not move a cell by half a point. At every k: PCA fit on the
+database rows, the label-free MRL adaptor, CSR with the paper's recipe (the flags) and CSR with --recipe plus
+the --try changes (the candidate); text sets add V-measure (k-means on the queries). Parts are cached under --runs/<set> by the sweep's digests (csr/sweep.py), so a re-run with another
 candidate trains only the candidate's models. Prints one table (1-NN top-1 %, text: top-1 / V-measure) and one
 summary line per baseline: the candidate's wins / ties / losses over every (set, k) cell, |gap| <= --tie counted
 as a tie, and the worst gap; writes the same to --runs/panel_<candidate>.{md,json}.
@@ -129,7 +129,7 @@ def run_set(ps: PanelSet, args, candidate: str, mchange: dict, tchange: dict) ->
     folds = n_folds(min(ps.rows or len(x), len(x)), args.val_fraction, args.min_queries)
     per_fold = [fold_cells(ps, x, y, f, args, candidate, mchange, tchange) for f in range(folds)]
     cells = []
-    for group in zip(*per_fold):  # the same (method, k) cell of every fold: the mean, and the spread of top-1
+    for group in zip(*per_fold):  # the same (method, k) cell of every fold: their mean
         c = {**group[0], **{m: float(np.mean([g[m] for g in group])) for m in ("top1", "v_measure", "dead", "seconds")
                             if m in group[0] and group[0][m] is not None}}
         c["queries"] = sum(g["queries"] for g in group)
