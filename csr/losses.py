@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from csr.distributed import all_reduce_, gather_rows
 from csr.io import CSRError
 from csr.model import dense_code
+from csr.precision import pair_dots
 
 CL_MODES = ("self", "label", "pair", "none")
 
@@ -53,11 +54,64 @@ def normalized_values(vals: torch.Tensor) -> torch.Tensor:
     return vals / vals.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def sparse_similarity(idx_a: torch.Tensor, u_a: torch.Tensor, idx_b: torch.Tensor, u_b: torch.Tensor,
-                      hidden: int) -> torch.Tensor:
-    """`[Na, Nb]` inner products of two sparse code sets, differentiable in both value tensors."""
-    dense_b_t = dense_code(idx_b, u_b, hidden).t().contiguous()  # [hidden, Nb]
-    return F.embedding_bag(idx_a, dense_b_t, per_sample_weights=u_a, mode="sum")
+def transposed_code(idx: torch.Tensor, u: torch.Tensor, hidden: int) -> torch.Tensor:
+    """`[hidden, N]` dense transpose of a sparse code set (units in a row are distinct), built in place."""
+    z = u.new_zeros(hidden, idx.shape[0])
+    z[idx, torch.arange(idx.shape[0], device=idx.device)[:, None]] = u
+    return z
+
+
+class _SparseLogSumExp(torch.autograd.Function):
+    """Row-wise log-sum-exp of `scale · U_a U_b^T` for two sparse code sets, without entries `(r, own + r)` when
+    `own` is given (each row's own code among the gathered ones).
+
+    Forward: one `embedding_bag` of the rows of `a` into the transposed dense code of `b`, then exp in place: the
+    `[Na, Nb]` buffer is the only one of that size, and it is turned into the softmax gradient in place in backward.
+    The value gradients are per-pair dot products (`pair_dots`) of that gradient and its transpose with the
+    transposed dense codes, so no `[hidden, N]` gradient is materialised and scattered back.
+    """
+
+    @staticmethod
+    def forward(ctx, idx_a: torch.Tensor, u_a: torch.Tensor, idx_b: torch.Tensor, u_b: torch.Tensor, hidden: int,
+                scale: float, own: int | None):
+        zt_b = transposed_code(idx_b, u_b, hidden)
+        e = F.embedding_bag(idx_a, zt_b, per_sample_weights=u_a * scale, mode="sum")
+        if own is not None:
+            rows = torch.arange(idx_a.shape[0], device=e.device)
+            e[rows, own + rows] = float("-inf")
+        top = e.amax(1, keepdim=True)
+        z = e.sub_(top).exp_().sum(1, keepdim=True)
+        ctx.save_for_backward(idx_a, u_a, idx_b, u_b)
+        ctx.e, ctx.z, ctx.zt_b, ctx.hidden, ctx.scale = e, z, zt_b, hidden, scale
+        ctx.same = idx_a is idx_b and u_a is u_b
+        return (top + z.log()).squeeze(1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        idx_a, u_a, idx_b, u_b = ctx.saved_tensors
+        if ctx.e is None:
+            raise RuntimeError("the contrastive log-sum-exp's backward ran twice (its buffer is reused in place)")
+        grad_s, ctx.e = ctx.e.mul_(g[:, None] / ctx.z), None  # softmax times the incoming gradient
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_a = pair_dots(grad_s, ctx.zt_b, idx_a).mul_(ctx.scale)
+        if ctx.needs_input_grad[3]:
+            zt_a = ctx.zt_b if ctx.same else transposed_code(idx_a, u_a, ctx.hidden)
+            grad_b = pair_dots(grad_s.t().contiguous(), zt_a, idx_b).mul_(ctx.scale)
+        return None, grad_a, None, grad_b, None, None, None
+
+
+def sparse_logsumexp(idx_a: torch.Tensor, u_a: torch.Tensor, idx_b: torch.Tensor, u_b: torch.Tensor, hidden: int,
+                     scale: float = 1.0, own: int | None = None) -> torch.Tensor:
+    """`[Na]`: log sum_j exp(scale · u_a[r] . u_b[j]) over the rows j of `b` (all but `own + r` when `own` is
+    given), differentiable in both value tensors."""
+    return _SparseLogSumExp.apply(idx_a, u_a.float(), idx_b, u_b.float(), hidden, scale, own)
+
+
+def code_dots(idx_a: torch.Tensor, u_a: torch.Tensor, idx_b: torch.Tensor, u_b: torch.Tensor, hidden: int) -> torch.Tensor:
+    """`[N]`: row-wise inner products u_a[r] . u_b[r] of two sparse code sets."""
+    return (dense_code(idx_b, u_b, hidden).gather(1, idx_a) * u_a).sum(1)
 
 
 def gather_codes(idx: torch.Tensor, u: torch.Tensor, labels: torch.Tensor | None):
@@ -78,12 +132,11 @@ def self_contrastive(idx: torch.Tensor, vals: torch.Tensor, hidden: int, tempera
     """
     u = normalized_values(vals)
     all_idx, all_u, _, offset = gather_codes(idx, u, None)
-    s = sparse_similarity(idx, u, all_idx, all_u, hidden) / temperature  # [B, B_global]
-    rows = torch.arange(idx.shape[0], device=idx.device)
-    pos = offset + rows
-    logits = s + math.log(2.0)
-    logits[rows, pos] = s[rows, pos]
-    return F.cross_entropy(logits, pos)
+    if all_idx.shape[0] == 1:  # no negatives: one logit, zero loss
+        return u.sum() * 0.0
+    lse_others = sparse_logsumexp(idx, u, all_idx, all_u, hidden, 1.0 / temperature, own=offset)
+    s_own = (u * u).sum(1) / temperature
+    return (torch.logaddexp(s_own, lse_others + math.log(2.0)) - s_own).mean()
 
 
 def label_contrastive(idx: torch.Tensor, vals: torch.Tensor, labels: torch.Tensor, hidden: int,
@@ -94,19 +147,18 @@ def label_contrastive(idx: torch.Tensor, vals: torch.Tensor, labels: torch.Tenso
     """
     u = normalized_values(vals)
     all_idx, all_u, all_labels, offset = gather_codes(idx, u, labels)
-    s = sparse_similarity(idx, u, all_idx, all_u, hidden) / temperature
-    B = idx.shape[0]
-    rows = torch.arange(B, device=idx.device)
-    not_self = torch.ones_like(s, dtype=torch.bool)
-    not_self[rows, offset + rows] = False
-    pos = (labels[:, None] == all_labels[None, :]) & not_self
-    log_prob = s - torch.logsumexp(s.masked_fill(~not_self, float("-inf")), dim=1, keepdim=True)
-    n_pos = pos.sum(1)
+    classes, cls = torch.unique(all_labels, return_inverse=True)
+    mine = cls[offset:offset + idx.shape[0]]
+    n_pos = torch.bincount(cls, minlength=len(classes))[mine] - 1
     keep = n_pos > 0
     if not keep.any():
-        return s.sum() * 0.0
-    per_anchor = (log_prob * pos).sum(1)[keep] / n_pos[keep]
-    return -per_anchor.mean()
+        return u.sum() * 0.0
+    lse = sparse_logsumexp(idx, u, all_idx, all_u, hidden, 1.0 / temperature, own=offset)
+    # sum of s_ij over i's positives = u_i . (sum of the codes of i's class - u_i) / tau, from per-class code sums
+    class_sums = all_u.new_zeros(len(classes), hidden).index_put(
+        (cls[:, None].expand_as(all_idx), all_idx), all_u, accumulate=True)
+    pos_sum = ((class_sums[mine[:, None], idx] * u).sum(1) - (u * u).sum(1)) / temperature
+    return -(pos_sum[keep] / n_pos[keep] - lse[keep]).mean()
 
 
 def pair_contrastive(idx_a: torch.Tensor, vals_a: torch.Tensor, idx_b: torch.Tensor, vals_b: torch.Tensor,
@@ -115,10 +167,10 @@ def pair_contrastive(idx_a: torch.Tensor, vals_a: torch.Tensor, idx_b: torch.Ten
     ua, ub = normalized_values(vals_a), normalized_values(vals_b)
     all_idx_b, all_ub, _, offset = gather_codes(idx_b, ub, None)
     all_idx_a, all_ua, _, _ = gather_codes(idx_a, ua, None)
-    target = offset + torch.arange(idx_a.shape[0], device=idx_a.device)
-    s_ab = sparse_similarity(idx_a, ua, all_idx_b, all_ub, hidden) / temperature
-    s_ba = sparse_similarity(idx_b, ub, all_idx_a, all_ua, hidden) / temperature
-    return 0.5 * (F.cross_entropy(s_ab, target) + F.cross_entropy(s_ba, target))
+    s_pos = code_dots(idx_a, ua, idx_b, ub, hidden) / temperature  # s_ab[i, offset + i] = s_ba[i, offset + i]
+    lse_ab = sparse_logsumexp(idx_a, ua, all_idx_b, all_ub, hidden, 1.0 / temperature)
+    lse_ba = sparse_logsumexp(idx_b, ub, all_idx_a, all_ua, hidden, 1.0 / temperature)
+    return (0.5 * (lse_ab + lse_ba) - s_pos).mean()
 
 
 def check_finite_loss(terms: dict[str, torch.Tensor], step: int) -> None:

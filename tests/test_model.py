@@ -173,10 +173,11 @@ def test_label_contrastive_uses_same_label_positives():
     torch.manual_seed(2)
     B, h, k = 10, 30, 4
     idx = torch.stack([torch.randperm(h)[:k] for _ in range(B)])
-    vals = torch.rand(B, k)
+    vals = torch.rand(B, k, requires_grad=True)
+    vals2 = vals.detach().clone().requires_grad_(True)
     labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 0, 1])
     got = L.label_contrastive(idx, vals, labels, h, 0.5)
-    u = F.normalize(dense_code(idx, vals, h), dim=1)
+    u = F.normalize(dense_code(idx, vals2, h), dim=1)
     s = u @ u.T / 0.5
     per = []
     for i in range(B):
@@ -185,7 +186,11 @@ def test_label_contrastive_uses_same_label_positives():
             continue
         denom = torch.logsumexp(torch.stack([s[i, j] for j in range(B) if j != i]), 0)
         per.append(-sum(s[i, p] - denom for p in pos) / len(pos))
-    assert torch.allclose(got, torch.stack(per).mean(), rtol=1e-5)
+    want = torch.stack(per).mean()
+    assert torch.allclose(got, want, rtol=1e-5)
+    got.backward()
+    want.backward()
+    assert torch.allclose(vals.grad, vals2.grad, rtol=1e-4, atol=1e-7)
     # codes identical within a class make the loss smaller than the same codes with labels shuffled
     cls_idx = torch.stack([torch.arange(k) * 7 + int(c) for c in labels])
     aligned = L.label_contrastive(cls_idx, torch.ones(B, k), labels, h, 0.2)
@@ -198,12 +203,17 @@ def test_pair_contrastive_equals_dense_infonce():
     B, h, k = 9, 30, 4
     ia = torch.stack([torch.randperm(h)[:k] for _ in range(B)])
     ib = torch.stack([torch.randperm(h)[:k] for _ in range(B)])
-    va, vb = torch.rand(B, k), torch.rand(B, k)
+    va, vb = torch.rand(B, k, requires_grad=True), torch.rand(B, k, requires_grad=True)
+    va2, vb2 = (v.detach().clone().requires_grad_(True) for v in (va, vb))
     got = L.pair_contrastive(ia, va, ib, vb, h, 0.2)
-    ua, ub = F.normalize(dense_code(ia, va, h), dim=1), F.normalize(dense_code(ib, vb, h), dim=1)
+    ua, ub = F.normalize(dense_code(ia, va2, h), dim=1), F.normalize(dense_code(ib, vb2, h), dim=1)
     s = ua @ ub.T / 0.2
     t = torch.arange(B)
-    assert torch.allclose(got, (F.cross_entropy(s, t) + F.cross_entropy(s.T, t)) / 2, rtol=1e-5)
+    want = (F.cross_entropy(s, t) + F.cross_entropy(s.T, t)) / 2
+    assert torch.allclose(got, want, rtol=1e-5)
+    (got + want).backward()
+    assert torch.allclose(va.grad, va2.grad, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(vb.grad, vb2.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_nmse_recon_loss_is_mse_over_batch_variance():
