@@ -141,20 +141,64 @@ class MRLAdaptor(nn.Module):
 def similarity_preservation_loss(z: torch.Tensor, x: torch.Tensor, dims: list[int]) -> torch.Tensor:
     """sum over prefixes d of MSE(cos(z[:, :d]) , cos(x)) over all B x B pairs (the label-free Matryoshka loss).
 
-    The prefixes' Gram matrices are nested: G_d = G_d' + z[:, d':d] z[:, d':d]^T, so each column block is
-    multiplied once (B^2 D instead of B^2 sum(d) multiply-adds, forward and backward), and cos = G / (n n^T)
-    with n = max(sqrt(diag G), 1e-12), as `F.normalize` clamps norms."""
-    xn = F.normalize(x, dim=1)
-    target = xn @ xn.T
-    total, gram, prev = z.new_zeros(()), None, 0
-    for d in sorted(dims):
-        block = z[:, prev:d]
-        part = block @ block.T
-        gram = part if gram is None else gram + part
-        n = gram.diagonal().clamp_min(0).sqrt().clamp_min(1e-12)
-        total = total + F.mse_loss(gram / n[:, None] / n[None, :], target)
-        prev = d
-    return total
+    cos = G_d / (n n^T) with G_d = z[:, :d] z[:, :d]^T and n = max(sqrt(diag G_d), 1e-12), as `F.normalize`
+    clamps norms. Computed by `_NestedCosineMSE` (closed-form gradient); equal in value and gradient to the
+    per-prefix formula (tests/test_precision.py)."""
+    xn = F.normalize(x.detach().float(), dim=1)
+    return _NestedCosineMSE.apply(z, xn @ xn.T, tuple(sorted(dims)))
+
+
+class _NestedCosineMSE(torch.autograd.Function):
+    """The label-free MRL loss with its gradient written out, so each prefix costs one B x B x (d - d') product
+    forward and one backward (autograd's takes two backward: one per operand of block @ block^T).
+
+    The prefixes' Gram matrices are nested, G_d = G_d' + Z_b Z_b^T with Z_b = z[:, d':d]. With C = G / (n n^T)
+    and R = 2 (C - T) / B^2 the gradient of prefix d's term is
+        P_d = dL/dG_d = R / (n n^T) - diag(sum_j R_ij C_ij / n_i^2)   (no diagonal term where n is clamped),
+    and since block b enters every G_d with d >= b, dL/dZ_b = 2 H_b Z_b with H_b = sum_{d >= b} P_d (a suffix sum
+    accumulated in place in backward). Forward keeps one B x B matrix per prefix (P_d)."""
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def forward(ctx, z: torch.Tensor, target: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        ctx.in_dtype = z.dtype
+        z = z.float()
+        B = z.shape[0]
+        total = z.new_zeros(())
+        gram, prev, grads = None, 0, []
+        for d in dims:
+            block = z[:, prev:d]
+            gram = block @ block.T if gram is None else gram.addmm_(block, block.T)
+            sq = gram.diagonal().clamp_min(0)
+            live = sq > 1e-24
+            inv = 1.0 / sq.sqrt().clamp_min(1e-12)
+            scale = torch.outer(inv, inv)
+            cos = gram * scale
+            diff = cos - target
+            total += torch.dot(diff.view(-1), diff.view(-1))
+            # R_ij C_ij summed over j, for the norm's share of the gradient (before diff becomes P_d in place)
+            norm_part = torch.linalg.vecdot(diff, cos, dim=1) * (2.0 / B**2) * inv * inv * live
+            del cos
+            grad = diff.mul_(scale).mul_(2.0 / B**2)
+            grad.diagonal().sub_(norm_part)
+            grads.append(grad)
+            prev = d
+        ctx.save_for_backward(z, *grads)
+        ctx.dims = dims
+        return total / B**2
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        z, *grads = ctx.saved_tensors
+        dz = torch.zeros_like(z)
+        bounds = [0, *ctx.dims]
+        suffix = grads[-1]  # accumulated in place (a second backward through the same graph is not supported)
+        for i in range(len(ctx.dims) - 1, -1, -1):
+            if i < len(ctx.dims) - 1:
+                suffix += grads[i]
+            lo, hi = bounds[i], bounds[i + 1]
+            dz[:, lo:hi] = suffix @ z[:, lo:hi]
+        return dz.mul_(2 * grad_out).to(ctx.in_dtype), None, None
 
 
 def train_mrl(x: np.ndarray, labels: np.ndarray | None, cfg: MRLConfig, progress: bool = True,
