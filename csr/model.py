@@ -242,10 +242,11 @@ class CSR(nn.Module):
         auxk = self.cfg.auxk if auxk is None else auxk
         xp, info = self.preprocess(x)
         xc = (xp - self.pre_bias).detach()  # the inputs are frozen embeddings
+        n_dead = int(dead.sum()) if dead is not None else 0
+        a = min(auxk, n_dead)
         with torch.no_grad():
             pre, top_vals, top_idx = self.select(xc, multi_k, self.cfg.precision)
-            a = min(auxk, int(dead.sum())) if dead is not None else 0
-            if a > 0:  # overwrites pre (no longer needed); the order of the AuxK units does not matter
+            if 0 < a < n_dead:  # overwrites pre (no longer needed); the order of the AuxK units does not matter
                 aux_vals, aux_idx = select_topk(pre, a, exclude=~dead, sorted=False)
         del pre
         params = (self.pre_bias, self.encoder.weight, self.latent_bias, self.decoder_weight)
@@ -255,7 +256,13 @@ class CSR(nn.Module):
         out["recon_k"] = self._finish(rec_k_nobias + self.pre_bias, info)
         out["recon_multi"] = self._finish(rec_k_nobias + rec_rest + self.pre_bias, info)
         if a > 0:
-            _, aux_recon, _ = _SparseCode.apply(xc, *params, aux_idx, aux_vals, a, prec)
+            if a < n_dead:
+                _, aux_recon, _ = _SparseCode.apply(xc, *params, aux_idx, aux_vals, a, prec)
+            else:  # every dead unit is in every row's AuxK code: a small dense product over the dead units
+                aux_idx = dead.nonzero().squeeze(1)
+                aux_vals = F.relu(F.linear(xp - self.pre_bias, self.encoder.weight[aux_idx], self.latent_bias[aux_idx]))
+                aux_recon = aux_vals @ self.W_dec[aux_idx]
+                aux_idx = aux_idx.expand(len(xc), -1)
             out["aux_recon"] = aux_recon if info is None else aux_recon * (info[1] + 1e-5)
             out["aux_idx"] = aux_idx
         return out

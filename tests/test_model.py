@@ -92,13 +92,15 @@ def two_view_self_contrastive(u, tau):
     return loss / (2 * B)
 
 
-@pytest.mark.parametrize("tied,normalize", [(True, False), (False, False), (True, True)])
-def test_one_pass_step_equals_naive_dense_step_values_and_gradients(tied, normalize):
+@pytest.mark.parametrize("tied,normalize,dead_every", [(True, False, 3), (False, False, 3), (True, True, 3),
+                                                      (True, False, 8), (False, True, 8)])
+def test_one_pass_step_equals_naive_dense_step_values_and_gradients(tied, normalize, dead_every):
+    """dead_every=3: 32 dead units > auxk=16 (sparse AuxK code); 8: 12 dead units, all in every row's code (dense)."""
     cfg = TrainConfig()
     m = make_model(tied=tied, normalize=normalize)
     x = torch.randn(16, 24) * 2 + 0.5
     dead = torch.zeros(96, dtype=torch.bool)
-    dead[::3] = True
+    dead[::dead_every] = True
     out = m(x, k=4, multi_k=16, dead=dead)
     fast = step_losses(out, x, cfg, 96)
     fast["total"].backward()
