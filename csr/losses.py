@@ -155,10 +155,34 @@ def label_contrastive(idx: torch.Tensor, vals: torch.Tensor, labels: torch.Tenso
         return u.sum() * 0.0
     lse = sparse_logsumexp(idx, u, all_idx, all_u, hidden, 1.0 / temperature, own=offset)
     # sum of s_ij over i's positives = u_i . (sum of the codes of i's class - u_i) / tau, from per-class code sums
-    class_sums = all_u.new_zeros(len(classes), hidden).index_put(
-        (cls[:, None].expand_as(all_idx), all_idx), all_u, accumulate=True)
-    pos_sum = ((class_sums[mine[:, None], idx] * u).sum(1) - (u * u).sum(1)) / temperature
+    dots = _ClassSumDots.apply(u, all_u, mine[:, None] * hidden + idx, cls[:, None] * hidden + all_idx,
+                               len(classes) * hidden)
+    pos_sum = (dots - (u * u).sum(1)) / temperature
     return -(pos_sum[keep] / n_pos[keep] - lse[keep]).mean()
+
+
+class _ClassSumDots(torch.autograd.Function):
+    """`dots[i] = sum_j S[key[i, j]] u[i, j]` with `S = sum of all_u at all_key` (flat class x unit sums).
+
+    Both sums are `torch.bincount` with weights, which adds in index order: `index_put(accumulate=True)` and the
+    backward of advanced indexing add in a thread-dependent order on CPU, which made `--cl label` runs differ
+    from run to run in the last bits (and then in their codes)."""
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def forward(ctx, u: torch.Tensor, all_u: torch.Tensor, key: torch.Tensor, all_key: torch.Tensor,
+                size: int) -> torch.Tensor:
+        sums = torch.bincount(all_key.reshape(-1), weights=all_u.reshape(-1).float(), minlength=size)
+        at = sums[key]
+        ctx.save_for_backward(u, at, key, all_key)
+        ctx.size = size
+        return (at * u).sum(1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        u, at, key, all_key = ctx.saved_tensors
+        g_sums = torch.bincount(key.reshape(-1), weights=(g[:, None] * u).reshape(-1).float(), minlength=ctx.size)
+        return (at * g[:, None]).to(u.dtype), g_sums[all_key].to(u.dtype), None, None, None
 
 
 def pair_contrastive(idx_a: torch.Tensor, vals_a: torch.Tensor, idx_b: torch.Tensor, vals_b: torch.Tensor,

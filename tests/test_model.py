@@ -463,3 +463,20 @@ def test_trained_model_reports_units_dead_on_the_training_rows(tmp_path):
     frac, used = dead_fraction_on_rows(m, x, max_rows=50, seed=3)
     rows = np.sort(np.random.default_rng(3).choice(300, 50, replace=False))
     assert used == 50 and frac == pytest.approx(dead_fraction(encode_array(m, x[rows], 2, progress=False)))
+
+
+def test_label_contrastive_is_repeatable_to_the_bit():
+    """Per-class code sums and their gradient add in a fixed order (scatter-adds with atomics did not: the same
+    step gave different gradients from run to run on 2 CPU threads)."""
+    g = torch.Generator().manual_seed(0)
+    B, h, k = 4096, 5120, 8
+    idx = torch.argsort(torch.rand(B, h, generator=g), dim=1)[:, :k]
+    vals, labels = torch.rand(B, k, generator=g), torch.randint(0, 10, (B,), generator=g)
+    runs = []
+    for _ in range(3):
+        v = vals.clone().requires_grad_(True)
+        loss = L.label_contrastive(idx, v, labels, h)
+        loss.backward()
+        runs.append((loss.detach(), v.grad))
+    for loss, grad in runs[1:]:
+        assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
