@@ -239,6 +239,14 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
     c.add_argument("--cl_coef", "--cl-coef", dest="cl_coef", type=nonneg_float, default=cl_coef,
                    help=f"contrastive weight gamma (default {cl_coef})")
     c.add_argument("--temperature", type=positive_float, default=0.2, help="contrastive temperature (reference: 0.2)")
+    c.add_argument("--sim-coef", type=nonneg_float, default=0.0,
+                   help="weight of the kNN-preserving term: codes' in-batch cosine similarities matched to the "
+                        "inputs' (ours; 0 = off, the paper's recipe)")
+    c.add_argument("--sim-loss", default="rank", choices=["rank", "gram"],
+                   help="rank: KL of each row's softmax neighbour distribution (inputs' as target); gram: MSE of "
+                        "the cosine matrices (the label-free MRL objective)")
+    c.add_argument("--sim-temperature", type=positive_float, default=0.05,
+                   help="temperature of the rank term's neighbour distributions")
     r = p.add_argument_group("runtime")
     r.add_argument("--seed", type=int, default=1227, help="random seed")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -289,7 +297,8 @@ def configs_from_args(args: argparse.Namespace, input_dim: int, x=None):
         raise CSRError(str(e)) from None
     train_cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
                             cl=args.cl if args.use_CL else "none", cl_coef=args.cl_coef,
-                            temperature=args.temperature, auxk_coef=args.auxk_coef,
+                            temperature=args.temperature, sim_coef=args.sim_coef, sim_loss=args.sim_loss,
+                            sim_temperature=args.sim_temperature, auxk_coef=args.auxk_coef,
                             multi_k_coef=args.multi_k_coef, recon_loss=args.recon_loss, wd=args.wd,
                             adam_eps=args.adam_eps, schedule=args.schedule, warmup_steps=args.warmup_steps,
                             grad_clip=args.grad_clip, bpre_init=args.bpre_init,

@@ -1,4 +1,5 @@
-"""CSR losses: reconstruction at k and 4k, AuxK on dead latents, and the contrastive term.
+"""CSR losses: reconstruction at k and 4k, AuxK on dead latents, the contrastive term, and an optional
+kNN-preserving term (`similarity_preservation`, off in the paper's recipe).
 
     L = R(x, x_hat_k) + 1/8 R(x, x_hat_4k) + beta * NMSE(aux_recon, x - x_hat_k) + gamma * L_CL
 
@@ -195,6 +196,59 @@ def pair_contrastive(idx_a: torch.Tensor, vals_a: torch.Tensor, idx_b: torch.Ten
     lse_ab = sparse_logsumexp(idx_a, ua, all_idx_b, all_ub, hidden, 1.0 / temperature)
     lse_ba = sparse_logsumexp(idx_b, ub, all_idx_a, all_ua, hidden, 1.0 / temperature)
     return (0.5 * (lse_ab + lse_ba) - s_pos).mean()
+
+
+class _SparseGram(torch.autograd.Function):
+    """`[N, N]` Gram matrix `U U^T` of one sparse code set: one `embedding_bag` of the rows into the transposed
+    dense code, O(N^2 k). Backward: dL/du[r, t] = sum_j (G + G^T)[r, j] Z[j, idx[r, t]], per-pair dot products."""
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def forward(ctx, idx: torch.Tensor, u: torch.Tensor, hidden: int) -> torch.Tensor:
+        zt = transposed_code(idx, u, hidden)
+        ctx.save_for_backward(idx, zt)
+        return F.embedding_bag(idx, zt, per_sample_weights=u, mode="sum")
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        idx, zt = ctx.saved_tensors
+        return None, pair_dots((g + g.t()).contiguous(), zt, idx), None
+
+
+def sparse_gram(idx: torch.Tensor, u: torch.Tensor, hidden: int) -> torch.Tensor:
+    """`[N, N]`: u[r] . u[j] for every pair of rows of one sparse code set, differentiable in the values."""
+    return _SparseGram.apply(idx, u.float(), hidden)
+
+
+SIM_LOSSES = ("rank", "gram")
+
+
+def similarity_preservation(idx: torch.Tensor, vals: torch.Tensor, x: torch.Tensor, hidden: int,
+                            mode: str = "rank", temperature: float = 0.05) -> torch.Tensor:
+    """How far the codes' cosine similarities within the batch are from the inputs' (a kNN-preserving term).
+
+    - `rank`: each row's neighbour distribution, softmax over the other rows j of cos(x_i, x_j) / tau, is the
+      target of the codes' one: mean_i KL(p_i || q_i). Shift-invariant per row, and dominated by each row's
+      nearest neighbours, which is what 1-NN retrieval reads.
+    - `gram`: mean over all B x B pairs of (cos(z_i, z_j) - cos(x_i, x_j))^2, the label-free MRL adaptor's
+      objective applied to the sparse code.
+    Computed within the rows of this process (under DDP: per rank, over its share of the batch).
+    """
+    u = normalized_values(vals)
+    s = sparse_gram(idx, u, hidden)
+    xn = F.normalize(x.detach().float(), dim=1)
+    t = xn @ xn.T
+    if mode == "gram":
+        return (s - t).pow(2).mean()
+    if mode != "rank":
+        raise CSRError(f"--sim-loss must be one of {SIM_LOSSES}, got {mode!r}")
+    if s.shape[0] < 2:
+        return s.sum() * 0.0
+    eye = torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
+    p = torch.softmax((t / temperature).masked_fill(eye, float("-inf")), dim=1)
+    log_q = torch.log_softmax((s / temperature).masked_fill(eye, float("-inf")), dim=1)
+    log_p = torch.log(p.clamp_min(1e-30))
+    return torch.where(eye, 0.0, p * (log_p - log_q)).sum(1).mean()
 
 
 def check_finite_loss(terms: dict[str, torch.Tensor], step: int) -> None:

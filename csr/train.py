@@ -36,6 +36,9 @@ class TrainConfig:
     cl: str = "self"  # contrastive term: self | label | pair | none
     cl_coef: float = 0.1  # gamma (0.1 vision, 1 multimodal)
     temperature: float = 0.2
+    sim_coef: float = 0.0  # weight of the kNN-preserving term (ours; 0 = off, the paper's recipe)
+    sim_loss: str = "rank"  # rank (KL of the neighbour distributions) | gram (MSE of the cosine matrices)
+    sim_temperature: float = 0.05  # temperature of the rank term's neighbour distributions
     auxk_coef: float = 1 / 32  # beta
     multi_k_coef: float = 1 / 8  # weight of the 4k reconstruction
     multi_k: int = 0  # units of the second reconstruction; 0 = 4·k
@@ -61,6 +64,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.cl not in L.CL_MODES:
             raise CSRError(f"--cl must be one of {L.CL_MODES}, got {self.cl!r}")
+        if self.sim_loss not in L.SIM_LOSSES:
+            raise CSRError(f"--sim-loss must be one of {L.SIM_LOSSES}, got {self.sim_loss!r}")
         if self.recon_loss not in ("mse", "nmse"):
             raise CSRError(f"--recon-loss must be mse or nmse, got {self.recon_loss!r}")
         if self.schedule not in ("constant", "cosine"):
@@ -69,7 +74,8 @@ class TrainConfig:
             raise CSRError(f"--encoder-init must be random, data or pca, got {self.encoder_init!r}")
         if self.bpre_init not in ("zeros", "mean", "geometric_median"):
             raise CSRError(f"--bpre-init must be zeros, mean or geometric_median, got {self.bpre_init!r}")
-        for flag, v in (("--lr", self.lr), ("--temperature", self.temperature), ("--adam-eps", self.adam_eps)):
+        for flag, v in (("--lr", self.lr), ("--temperature", self.temperature),
+                        ("--sim-temperature", self.sim_temperature), ("--adam-eps", self.adam_eps)):
             if not math.isfinite(v) or v <= 0:  # anything else can only produce NaN losses or Adam's traceback
                 raise CSRError(f"{flag} must be a finite number > 0, got {v}")
         for flag, v in (("--max-steps", self.max_steps), ("--k-start", self.k_start), ("--warmup-steps", self.warmup_steps)):
@@ -121,6 +127,9 @@ def step_losses(out: dict[str, torch.Tensor], x: torch.Tensor, cfg: TrainConfig,
         terms["cl"] = torch.zeros((), device=x.device)
     terms["total"] = (terms["recon_k"] + cfg.multi_k_coef * terms["recon_multi"] + cfg.auxk_coef * terms["auxk"]
                       + cfg.cl_coef * terms["cl"])
+    if cfg.sim_coef > 0:
+        terms["sim"] = L.similarity_preservation(idx, vals, x, hidden, cfg.sim_loss, cfg.sim_temperature)
+        terms["total"] = terms["total"] + cfg.sim_coef * terms["sim"]
     return terms
 
 
