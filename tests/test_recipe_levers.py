@@ -50,8 +50,8 @@ def test_pca_init_fills_units_past_two_d_from_data():
 
 
 def test_panel_table_and_summary_equal_a_direct_computation(tmp_path):
-    """The panel runner on a tiny panel (one non-negative set, one signed 'text' set): its PCA cells equal a
-    direct PCA + exact 1-NN on the same split, and its summary counts equal a plain recount of its cells."""
+    """The panel runner on a tiny panel (one non-negative set, one signed 'text' set): its PCA and full-dim cells
+    equal a direct PCA / full embedding + exact 1-NN on the same split, and its summary counts equal a plain recount of its cells."""
     import json
     from bench import recipe_val as rv
     from csr.baselines import PCA
@@ -71,21 +71,25 @@ def test_panel_table_and_summary_equal_a_direct_computation(tmp_path):
                    "--mrl-epochs", "1", "--min-queries", "40", "--runs", str(tmp_path / "runs"), "--try", "encoder_init=pca"])
     cells = res["cells"]
     cand = "recommended encoder_init=pca"
-    assert {c["method"] for c in cells} == {"pca", "mrl_unsup", "paper", cand} and len(cells) == 16
+    assert {c["method"] for c in cells} == {"full", "pca", "mrl_unsup", "paper", cand} and len(cells) == 20
     x = np.load(tmp_path / "img" / "train_emb.npy")
     direct = {2: [], 4: []}
+    full = []
     queried = []
     for fold in (0, 1):  # --min-queries 40 over blocks of 20 rows: two folds, disjoint queries
         xdb, ydb, xq, yq = rv.val_split(x, y, 200, 0.1, 0, fold)
         assert len(xdb) == 180 and len(xq) == 20
         queried.append({tuple(r) for r in xq})
         pca = PCA(12).fit(xdb)
+        full.append(evaluate(xdb, xq, ydb, yq)["top1"])
         for k in (2, 4):
             direct[k].append(evaluate(pca.transform(xdb, k), pca.transform(xq, k), ydb, yq)["top1"])
     assert not queried[0] & queried[1]
     for k in (2, 4):
         cell = next(c for c in cells if c["set"] == "img" and c["method"] == "pca" and c["k"] == k)
         assert cell["top1"] == pytest.approx(np.mean(direct[k])) and cell["queries"] == 40
+        cell = next(c for c in cells if c["set"] == "img" and c["method"] == "full" and c["k"] == k)
+        assert cell["top1"] == pytest.approx(np.mean(full))  # the full-dim ceiling, the same at every k
     assert all("v_measure" in c for c in cells if c["set"] == "txt")
     assert not any("v_measure" in c for c in cells if c["set"] == "img")
     for comp in res["comparisons"]:  # a plain recount of the candidate against each baseline
@@ -147,7 +151,7 @@ def test_panel_compares_a_labelled_candidate_with_the_labelled_mrl_adaptor(tmp_p
     np.save(tmp_path / "s" / "train_labels.npy", y)
     res = rv.main(["--sets", f"s={tmp_path / 's'}", "--recipe", "adaptive+labels", "--ks", "2", "--epochs", "1",
                    "--mrl-epochs", "1", "--min-queries", "20", "--runs", str(tmp_path / "runs")])
-    assert {c["method"] for c in res["cells"]} == {"pca", "mrl_unsup", "mrl", "paper", "adaptive+labels"}
+    assert {c["method"] for c in res["cells"]} == {"full", "pca", "mrl_unsup", "mrl", "paper", "adaptive+labels"}
     assert [c["baseline"] for c in res["comparisons"]] == ["pca", "mrl_unsup", "paper", "mrl"]
     assert "MRL adaptor (labels)" in res["report"]
 
