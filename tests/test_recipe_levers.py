@@ -108,10 +108,11 @@ def test_panel_table_and_summary_equal_a_direct_computation(tmp_path):
 
 def test_adaptive_recipe_sizes_the_model_from_rows_and_k():
     """The adaptive recipe: each unit fires for at least FIRES_PER_UNIT rows (by sign) on average (rows·k / hidden) unless
-    the 2·k floor holds, never more units than the flag or one per 4 rows; the batch halves (powers of two) until
+    the 2·k floor holds, never more units than the flag or one per 4 rows, and on signed rows never more than
+    SIGNED_UNITS unless 2·k is more; the batch halves (powers of two) until
     an epoch holds STEPS_PER_EPOCH steps or it reaches MIN_BATCH; the encoder starts from the principal
     directions; an explicit --hidden-size is kept."""
-    from csr.recipes import FIRES_PER_UNIT, MIN_BATCH, ROWS_PER_UNIT, STEPS_PER_EPOCH, apply_recipe
+    from csr.recipes import FIRES_PER_UNIT, MIN_BATCH, ROWS_PER_UNIT, SIGNED_UNITS, STEPS_PER_EPOCH, apply_recipe
     from csr.train import TrainConfig
     rng = np.random.default_rng(0)
     seen = set()
@@ -127,6 +128,8 @@ def test_adaptive_recipe_sizes_the_model_from_rows_and_k():
                 fires = FIRES_PER_UNIT["nonnegative" if xs.min() >= 0 else "signed"]
                 assert rows * k / m.hidden_size >= fires or m.hidden_size <= 2 * k or \
                     m.hidden_size in (1536, rows // ROWS_PER_UNIT)
+                if xs.min() < 0:
+                    assert m.hidden_size <= max(SIGNED_UNITS, 2 * k)
                 assert t.batch_size <= 4096 and 4096 % t.batch_size == 0
                 assert rows // t.batch_size >= STEPS_PER_EPOCH or t.batch_size == MIN_BATCH
                 assert t.batch_size == 4096 or rows // (2 * t.batch_size) < STEPS_PER_EPOCH
@@ -137,6 +140,14 @@ def test_adaptive_recipe_sizes_the_model_from_rows_and_k():
                         np.abs(rng.normal(size=(5000, 16))))
     assert t.cl == "label" and t.encoder_init == "pca" and m.hidden_size == 5000 * 8 // FIRES_PER_UNIT["nonnegative"]
     assert FIRES_PER_UNIT["signed"] > FIRES_PER_UNIT["nonnegative"]
+    # the signed cap binds where rows·k / FIRES would give more units, and gives way to 2·k at large k
+    signed = rng.normal(size=(60000, 16)).astype(np.float32)
+    for k, want in ((2, SIGNED_UNITS), (8, SIGNED_UNITS), (64, 2 * 64)):
+        assert 60000 * k // FIRES_PER_UNIT["signed"] > want
+        m, _ = apply_recipe("adaptive", CSRConfig(input_dim=384, hidden_size=1536, topk=k), TrainConfig(), signed)
+        assert m.hidden_size == want
+    m, _ = apply_recipe("adaptive", CSRConfig(input_dim=384, hidden_size=1536, topk=2), TrainConfig(), signed[:1600])
+    assert m.hidden_size == 1600 * 2 // FIRES_PER_UNIT["signed"]  # below the cap: rows·k / FIRES as before
 
 
 def test_panel_compares_a_labelled_candidate_with_the_labelled_mrl_adaptor(tmp_path):
