@@ -480,3 +480,28 @@ def test_label_contrastive_is_repeatable_to_the_bit():
         runs.append((loss.detach(), v.grad))
     for loss, grad in runs[1:]:
         assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
+
+
+def test_a_resampled_row_is_never_longer_than_the_longest_live_row():
+    """Where an input's residual is almost orthogonal to the input, the scale that puts a moved unit into its top-k
+    is huge (1.1 x the k-th pre-activation over a tiny projection): the moved encoder row is capped at the longest
+    live row's norm, tied or untied (uncapped, an untied adaptive model on 60k Fashion-MNIST rows diverged to a
+    reconstruction loss of 1e9)."""
+    from csr.remedies import resample_dead_units
+    for tied in (True, False):
+        m = make_model(d=64, h=256, k=4, tied=tied)
+        x = torch.randn(96, 64)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        idle = torch.zeros(256, dtype=torch.bool)
+        idle[::8] = True
+        with torch.no_grad():
+            m.stats_last_nonzero[idle] = 50
+            xp = m.preprocess(x)[0]
+            centred = xp - m.pre_bias
+            v = torch.randn_like(xp)
+            v -= (v * centred).sum(1, keepdim=True) / centred.pow(2).sum(1, keepdim=True) * centred
+            m.decode = lambda idx, vals: xp - v  # every residual v is orthogonal to its centred input
+            longest = float(m.encoder.weight[~idle].norm(dim=1).max())
+            units, _ = resample_dead_units(m, opt, x, 4, 30, torch.Generator().manual_seed(0))
+        assert units.numel() == 32
+        assert float(m.encoder.weight[idle].norm(dim=1).max()) <= longest * (1 + 1e-5)
