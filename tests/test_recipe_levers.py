@@ -110,9 +110,11 @@ def test_adaptive_recipe_sizes_the_model_from_rows_and_k():
     """The adaptive recipe: each unit fires for at least FIRES_PER_UNIT rows (by sign) on average (rows·k / hidden) unless
     the 2·k floor holds, never more units than the flag or one per 4 rows, and on signed rows never more than
     SIGNED_UNITS unless 2·k is more; the batch halves (powers of two) until
-    an epoch holds STEPS_PER_EPOCH steps or it reaches MIN_BATCH; the encoder starts from the principal
-    directions; an explicit --hidden-size is kept."""
-    from csr.recipes import FIRES_PER_UNIT, MIN_BATCH, ROWS_PER_UNIT, SIGNED_UNITS, STEPS_PER_EPOCH, apply_recipe
+    an epoch holds STEPS_PER_EPOCH steps or it reaches MIN_BATCH; the encoder starts from training rows when the code
+    is sparse (more than DATA_INIT_UNITS_PER_K·k units), from the principal directions otherwise (always on signed
+    rows); an explicit --hidden-size is kept."""
+    from csr.recipes import (DATA_INIT_UNITS_PER_K, FIRES_PER_UNIT, MIN_BATCH, ROWS_PER_UNIT, SIGNED_UNITS,
+                             STEPS_PER_EPOCH, apply_recipe)
     from csr.train import TrainConfig
     rng = np.random.default_rng(0)
     seen = set()
@@ -122,7 +124,10 @@ def test_adaptive_recipe_sizes_the_model_from_rows_and_k():
             mcfg, tcfg = CSRConfig(input_dim=384, hidden_size=1536, topk=k), TrainConfig()
             for xs in (x, np.abs(x)):
                 m, t = apply_recipe("adaptive", mcfg, tcfg, xs)
-                assert t.encoder_init == "pca" and m.topk == k
+                assert m.topk == k
+                assert t.encoder_init == ("data" if m.hidden_size > DATA_INIT_UNITS_PER_K * k else "pca")
+                if xs.min() < 0:
+                    assert t.encoder_init == "pca"
                 assert t.bpre_init == ("geometric_median" if xs.min() >= 0 else "mean")
                 assert k <= m.hidden_size <= 1536 and m.hidden_size <= max(rows // ROWS_PER_UNIT, k)
                 fires = FIRES_PER_UNIT["nonnegative" if xs.min() >= 0 else "signed"]
@@ -138,7 +143,14 @@ def test_adaptive_recipe_sizes_the_model_from_rows_and_k():
     assert len(seen) > 5  # the size really follows rows and k
     m, t = apply_recipe("adaptive+labels", CSRConfig(input_dim=384, hidden_size=1536, topk=8), TrainConfig(),
                         np.abs(rng.normal(size=(5000, 16))))
-    assert t.cl == "label" and t.encoder_init == "pca" and m.hidden_size == 5000 * 8 // FIRES_PER_UNIT["nonnegative"]
+    assert t.cl == "label" and t.encoder_init == "data" and m.hidden_size == 5000 * 8 // FIRES_PER_UNIT["nonnegative"]
+    for k in (2, 8, 64):  # the panel's image sizes: 27k non-negative rows of 1280 dims, 4·d units at most
+        m, t = apply_recipe("adaptive", CSRConfig(input_dim=1280, hidden_size=5120, topk=k), TrainConfig(),
+                            np.abs(rng.normal(size=(27000, 4))).astype(np.float32))
+        assert t.encoder_init == "data" and m.hidden_size > DATA_INIT_UNITS_PER_K * k
+    m, t = apply_recipe("adaptive", CSRConfig(input_dim=1280, hidden_size=5120, topk=64), TrainConfig(),
+                        np.abs(rng.normal(size=(2700, 4))).astype(np.float32))
+    assert (m.hidden_size, t.encoder_init) == (675, "pca")  # 2.7k rows at k = 64: a dense code
     assert FIRES_PER_UNIT["signed"] > FIRES_PER_UNIT["nonnegative"]
     # the signed cap binds where rows·k / FIRES would give more units, and gives way to 2·k at large k
     signed = rng.normal(size=(60000, 16)).astype(np.float32)
