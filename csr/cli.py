@@ -193,7 +193,7 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
                         "non-negative -> --bpre-init geometric_median --tied False --recon-loss nmse --cl self "
                         "--resample-every 14 --resample-until 0.9; signed -> --cl none; both: hidden size capped "
                         "at one unit per 4 rows (csr/recipes.py). adaptive: recommended + --encoder-init data "
-                        "(more than 32·k units) or pca (signed: --bpre-init mean), hidden size from rows and k (signed: at most max(48, 2k)), batch from rows. +labels: --cl "
+                        "(more than 32·k units) or pca (non-negative: --resample-until 0.5; signed: --bpre-init mean), hidden size from rows and k (signed: at most max(48, 2k)), batch from rows. +labels: --cl "
                         "label --cl_coef 1. Applied on top of the other flags")
     m.add_argument("--encoder-init", "--encoder_init", dest="encoder_init", default="random", choices=["random", "data", "pca"],
                    help="encoder (and untied decoder) rows: random (reference); data = centred, unit-norm training "

@@ -129,6 +129,9 @@ def test_adaptive_recipe_sizes_the_model_from_rows_and_k():
                 if xs.min() < 0:
                     assert t.encoder_init == "pca"
                 assert t.bpre_init == ("geometric_median" if xs.min() >= 0 else "mean")
+                # non-negative rows resample during the first half of the steps only (recommended: 90 %)
+                assert (t.resample_every, t.resample_until) == ((14, 0.5) if xs.min() >= 0 else (0, 0.5))
+                assert apply_recipe("recommended", mcfg, tcfg, np.abs(x))[1].resample_until == 0.9
                 assert k <= m.hidden_size <= 1536 and m.hidden_size <= max(rows // ROWS_PER_UNIT, k)
                 fires = FIRES_PER_UNIT["nonnegative" if xs.min() >= 0 else "signed"]
                 assert rows * k / m.hidden_size >= fires or m.hidden_size <= 2 * k or \
