@@ -237,3 +237,33 @@ def test_similarity_term_pulls_the_codes_neighbours_toward_the_inputs():
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
     assert before < 0.15 and nn_agreement() > 0.8
+
+
+def test_panel_seeds_average_the_cells_of_single_seed_runs(tmp_path):
+    """`--seeds a b` trains every model of a cell once per seed: each cell is the mean of the two single-seed
+    panels' cells (PCA, which has no seed, is the same in all three), over the same queries."""
+    from bench import recipe_val as rv
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 200)
+    x = np.maximum(rng.standard_normal((3, 10))[y] + rng.standard_normal((200, 10)) + 2, 0).astype(np.float32)
+    (tmp_path / "s").mkdir()
+    np.save(tmp_path / "s" / "train_emb.npy", x)
+    np.save(tmp_path / "s" / "train_labels.npy", y)
+    common = ["--sets", f"s={tmp_path / 's'}", "--recipe", "adaptive", "--ks", "2", "--epochs", "2",
+              "--mrl-epochs", "1", "--min-queries", "20", "--runs", str(tmp_path / "runs")]
+    one, two = (rv.main(common + ["--seed", s]) for s in ("3", "4"))
+    both = rv.main(common + ["--seeds", "3", "4"])
+    cand = "adaptive seeds=3,4"
+    assert any(c["method"] == cand for c in both["cells"])
+    for c in both["cells"]:
+        m = "adaptive" if c["method"] == cand else c["method"]
+        a, b = ([d for d in r["cells"] if d["method"] == m and d["k"] == c["k"]][0] for r in (one, two))
+        assert c["top1"] == pytest.approx((a["top1"] + b["top1"]) / 2) and c["queries"] == a["queries"]
+        if m in ("adaptive", "paper"):
+            assert c["dead"] == pytest.approx((a["dead"] + b["dead"]) / 2)
+    assert [d["top1"] for d in one["cells"] if d["method"] == "pca"] == \
+        [d["top1"] for d in both["cells"] if d["method"] == "pca"]
+    assert one["cells"] != two["cells"]  # the seeds really differ
+    from csr.io import CSRError
+    with pytest.raises(CSRError, match="--seeds"):
+        rv.main(common + ["--seeds", "3", "4", "--try", "seed=5"])
