@@ -165,16 +165,21 @@ def test_adaptive_recipe_sizes_the_model_from_rows_and_k():
     assert m.hidden_size == 1600 * 2 // FIRES_PER_UNIT["signed"]  # below the cap: rows·k / FIRES as before
 
 
+def tiny_panel_set(folder, seed: int) -> None:
+    """A panel set of 200 non-negative rows in 3 classes (train_emb.npy + train_labels.npy under `folder`)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, 200)
+    x = np.maximum(rng.standard_normal((3, 10))[y] + rng.standard_normal((200, 10)) + 2, 0).astype(np.float32)
+    folder.mkdir()
+    np.save(folder / "train_emb.npy", x)
+    np.save(folder / "train_labels.npy", y)
+
+
 def test_panel_compares_a_labelled_candidate_with_the_labelled_mrl_adaptor(tmp_path):
     """A candidate that trains with labels (`--recipe adaptive+labels`) is also compared with the MRL adaptor
     trained with the same labels; a label-free candidate is not."""
     from bench import recipe_val as rv
-    rng = np.random.default_rng(1)
-    y = rng.integers(0, 3, 200)
-    x = np.maximum(rng.standard_normal((3, 10))[y] + rng.standard_normal((200, 10)) + 2, 0).astype(np.float32)
-    (tmp_path / "s").mkdir()
-    np.save(tmp_path / "s" / "train_emb.npy", x)
-    np.save(tmp_path / "s" / "train_labels.npy", y)
+    tiny_panel_set(tmp_path / "s", seed=1)
     res = rv.main(["--sets", f"s={tmp_path / 's'}", "--recipe", "adaptive+labels", "--ks", "2", "--epochs", "1",
                    "--mrl-epochs", "1", "--min-queries", "20", "--runs", str(tmp_path / "runs")])
     assert {c["method"] for c in res["cells"]} == {"full", "pca", "mrl_unsup", "mrl", "paper", "adaptive+labels"}
@@ -243,12 +248,7 @@ def test_panel_seeds_average_the_cells_of_single_seed_runs(tmp_path):
     """`--seeds a b` trains every model of a cell once per seed: each cell is the mean of the two single-seed
     panels' cells (PCA, which has no seed, is the same in all three), over the same queries."""
     from bench import recipe_val as rv
-    rng = np.random.default_rng(2)
-    y = rng.integers(0, 3, 200)
-    x = np.maximum(rng.standard_normal((3, 10))[y] + rng.standard_normal((200, 10)) + 2, 0).astype(np.float32)
-    (tmp_path / "s").mkdir()
-    np.save(tmp_path / "s" / "train_emb.npy", x)
-    np.save(tmp_path / "s" / "train_labels.npy", y)
+    tiny_panel_set(tmp_path / "s", seed=2)
     common = ["--sets", f"s={tmp_path / 's'}", "--recipe", "adaptive", "--ks", "2", "--epochs", "2",
               "--mrl-epochs", "1", "--min-queries", "20", "--runs", str(tmp_path / "runs")]
     one, two = (rv.main(common + ["--seed", s]) for s in ("3", "4"))
