@@ -263,7 +263,9 @@ def test_panel_seeds_average_the_cells_of_single_seed_runs(tmp_path):
             assert c["dead"] == pytest.approx((a["dead"] + b["dead"]) / 2)
     assert [d["top1"] for d in one["cells"] if d["method"] == "pca"] == \
         [d["top1"] for d in both["cells"] if d["method"] == "pca"]
-    assert one["cells"] != two["cells"]  # the seeds really differ
+    def scores(r):  # what a seed can change (not the timings)
+        return [(c["method"], c["top1"], c.get("dead")) for c in r["cells"]]
+    assert scores(one) != scores(two)  # the seeds really differ (here: the MRL adaptor's top-1, the paper's dead units)
     from csr.io import CSRError
     with pytest.raises(CSRError, match="--seeds"):
         rv.main(common + ["--seeds", "3", "4", "--try", "seed=5"])
