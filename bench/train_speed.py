@@ -44,7 +44,7 @@ from csr.metrics import retrieval_metrics  # noqa: E402
 from csr.model import CSR, CSRConfig  # noqa: E402
 from csr.precision import resolve_precision  # noqa: E402
 from csr.recipes import RECIPES, apply_recipe  # noqa: E402
-from csr.train import Batches, TrainConfig, TrainData, make_scheduler, optimizer_step, step_losses, train  # noqa: E402
+from csr.train import Batches, TrainConfig, TrainData, adam, make_scheduler, optimizer_step, step_losses, train  # noqa: E402
 
 
 class ReferenceAE(nn.Module):
@@ -111,7 +111,7 @@ class OurStep:
 
     def __init__(self, model: CSR, cfg: TrainConfig):
         self.model, self.cfg = model, cfg
-        self.opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+        self.opt = adam(cfg)(model)
         self.sched = make_scheduler(self.opt, cfg, 10 ** 6)
 
     def __call__(self, x: torch.Tensor) -> None:

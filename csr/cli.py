@@ -222,6 +222,9 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
                    help="stop after this many optimiser steps (0 = all epochs)")
     o.add_argument("--wd", type=nonneg_float, default=0.0, help="Adam weight decay")
     o.add_argument("--adam-eps", type=positive_float, default=6.25e-10, help="Adam epsilon (reference: 6.25e-10)")
+    bool_flag(o, "--fused-adam", default=True,
+              help="torch's fused Adam kernel: the same update up to float rounding, ~4x faster on CPU "
+                   "(False = torch's default per-op Adam, as the reference)")
     o.add_argument("--schedule", type=schedule_name, default="constant", choices=["constant", "cosine"],
                    help="LR schedule (reference: constant, a StepLR with gamma 1; const = constant)")
     o.add_argument("--warmup-steps", type=nonneg_int, default=0, help="linear LR warm-up steps")
@@ -300,7 +303,7 @@ def configs_from_args(args: argparse.Namespace, input_dim: int, x=None):
                             temperature=args.temperature, sim_coef=args.sim_coef, sim_loss=args.sim_loss,
                             sim_temperature=args.sim_temperature, auxk_coef=args.auxk_coef,
                             multi_k_coef=args.multi_k_coef, recon_loss=args.recon_loss, wd=args.wd,
-                            adam_eps=args.adam_eps, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                            adam_eps=args.adam_eps, fused_adam=args.fused_adam, schedule=args.schedule, warmup_steps=args.warmup_steps,
                             grad_clip=args.grad_clip, bpre_init=args.bpre_init,
                             encoder_init=args.encoder_init, k_start=args.k_start,
                             k_anneal_steps=args.k_anneal_steps, k_anneal_fraction=args.k_anneal_fraction,

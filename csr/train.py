@@ -45,6 +45,7 @@ class TrainConfig:
     recon_loss: str = "mse"  # mse (reference) | nmse (MSE / Var(x): our option)
     wd: float = 0.0
     adam_eps: float = 6.25e-10
+    fused_adam: bool = True  # torch's fused Adam kernel: the same update up to float rounding, ~4x faster on CPU
     schedule: str = "constant"  # constant (reference: StepLR gamma 1) | cosine
     warmup_steps: int = 0
     grad_clip: float = 0.0  # 0 = off
@@ -281,8 +282,10 @@ LossFn = Callable[[dict[str, torch.Tensor], Batch], dict[str, torch.Tensor]]
 
 
 def adam(cfg: TrainConfig) -> Callable[[CSR], torch.optim.Optimizer]:
-    """The paper's optimiser: Adam with the recipe's lr, eps and weight decay."""
-    return lambda model: torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.wd)
+    """The paper's optimiser: Adam with the recipe's lr, eps and weight decay; `cfg.fused_adam` runs torch's fused
+    kernel (one pass over each parameter instead of one per arithmetic op: the same update to float rounding)."""
+    return lambda model: torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.wd,
+                                          fused=cfg.fused_adam)
 
 
 def train(model: CSR, data: TrainData | BatchSource, cfg: TrainConfig, out_dir: str | Path,

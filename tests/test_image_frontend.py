@@ -185,6 +185,19 @@ def test_paper_backbone_runs_from_a_local_safetensors_file(tree, tmp_path):
 
 # ----------------------------------------------------------------------------- embeddings
 
+def test_frozen_graph_gives_the_eager_features_at_any_batch_size(tree, backbone):
+    """`Backbone.freeze` (the extraction default on CPU) traces at batch 2; real images at other batch sizes give
+    the eager model's features to float rounding of the BN-folded weights."""
+    frozen = create_backbone(None, "efficientnet-lite0", SIZE, channels_last=True).freeze()
+    assert frozen.graph is not None and frozen.describe()["frozen_graph"] and not backbone.describe()["frozen_graph"]
+    src = FolderSource(str(tree / "val"), backbone.preprocess, flag="--eval_dir")
+    for n in (1, 7, 33):
+        x = backbone.preprocess.normalize(torch.stack([src.dataset[i][0] for i in range(n)]))
+        eager, fast = backbone.features(x), frozen.features(x)
+        assert fast.shape == eager.shape == (n, backbone.dim)
+        np.testing.assert_allclose(fast.numpy(), eager.numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_embeddings_give_1nn_accuracy_far_above_chance(folder_emb, backbone):
     tr, va = np.load(folder_emb / "train_emb.npy"), np.load(folder_emb / "val_emb.npy")
     ltr, lva = np.load(folder_emb / "train_labels.npy"), np.load(folder_emb / "val_labels.npy")
@@ -195,6 +208,7 @@ def test_embeddings_give_1nn_accuracy_far_above_chance(folder_emb, backbone):
     assert acc > 0.6
     meta = json.loads((folder_emb / "val_meta.json").read_text())
     assert meta["n"] == len(va) and meta["d"] == backbone.dim and meta["backbone"] == "tf_efficientnet_lite0"
+    assert meta["frozen_graph"]  # the CPU default; the rows below are compared with the eager model
     assert meta["preprocessing"]["resize"] == 128 and meta["weights"].endswith(".pth") and meta["command"]
     assert meta["source"]["classes"] == sorted(CLASS_NAMES)
     # The written rows are the backbone applied to the decoded images, in dataset order (naive reference).

@@ -92,10 +92,15 @@ def two_view_self_contrastive(u, tau):
     return loss / (2 * B)
 
 
-@pytest.mark.parametrize("tied,normalize,dead_every", [(True, False, 3), (False, False, 3), (True, True, 3),
-                                                      (True, False, 8), (False, True, 8)])
-def test_one_pass_step_equals_naive_dense_step_values_and_gradients(tied, normalize, dead_every):
-    """dead_every=3: 32 dead units > auxk=16 (sparse AuxK code); 8: 12 dead units, all in every row's code (dense)."""
+@pytest.mark.parametrize("tied,normalize,dead_every,aux_ratio", [
+    (True, False, 3, 16), (False, False, 3, 16), (True, True, 3, 16),
+    (True, False, 3, 1), (False, False, 3, 1), (True, True, 3, 1),
+    (True, False, 8, 16), (False, True, 8, 16)])
+def test_one_pass_step_equals_naive_dense_step_values_and_gradients(tied, normalize, dead_every, aux_ratio, monkeypatch):
+    """dead_every=3: 32 dead units > auxk=16, an AuxK code over some dead units per row: dense over the dead units
+    (`DENSE_AUXK_RATIO` 16, the default) or gathered pairs (ratio 1); 8: 12 dead units, all in every row's code."""
+    import csr.model
+    monkeypatch.setattr(csr.model, "DENSE_AUXK_RATIO", aux_ratio)
     cfg = TrainConfig()
     m = make_model(tied=tied, normalize=normalize)
     x = torch.randn(16, 24) * 2 + 0.5

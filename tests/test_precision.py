@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from csr import precision as P
 from csr.baselines import MRLAdaptor, MRLConfig, similarity_preservation_loss
 from csr.model import CSR, CSRConfig
-from csr.train import TrainConfig, step_losses
+from csr.train import TrainConfig, adam, make_scheduler, optimizer_step, step_losses
 
 
 def make_model(precision="fp32", d=32, h=128, k=4, auxk=16, tied=True, seed=0):
@@ -111,6 +111,33 @@ def test_every_trainer_the_encoder_and_the_sweep_take_the_precision_flag():
                                                          "--precision", "fp32"])
     assert mm.csr_precision == "bf16" and mm.precision == "fp32"
     assert main_text.build_parser().parse_args(["train", "--emb-dir", "e", "--precision", "bf16"]).precision == "bf16"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_adam_steps_equal_per_op_adam_steps_to_float_rounding(tied):
+    """The trainer's default fused Adam (`--fused-adam`) against torch's per-op Adam: the same 8 steps of the
+    paper's loss (dead units, so AuxK runs) from the same weights give the same weights to float rounding."""
+    torch.manual_seed(3)
+    x = torch.randn(256, 32) + 0.5
+    runs = {}
+    for fused in (True, False):
+        m = make_model(tied=tied)
+        m.stats_last_nonzero[:40] = m.cfg.dead_threshold + 1
+        cfg = TrainConfig(fused_adam=fused, wd=1e-4)
+        opt = adam(cfg)(m)
+        assert opt.defaults["fused"] is fused
+        sched = make_scheduler(opt, cfg, 100)
+        for _ in range(8):
+            out = m(x, dead=m.dead_mask())
+            optimizer_step(m, opt, sched, step_losses(out, x, cfg, m.cfg.hidden_size)["total"], out["idx"][:, :4])
+        runs[fused] = m.state_dict()
+    start = make_model(tied=tied).state_dict()
+    for name, w in runs[True].items():
+        if w.is_floating_point():
+            assert not torch.equal(w, start[name]) or name == "latent_bias", name  # the steps moved it
+            torch.testing.assert_close(w, runs[False][name], rtol=1e-5, atol=1e-6, msg=name)
+    import main_visual
+    assert main_visual.build_parser().parse_args(["--pretrained_emb", "x.npy", "--fused-adam", "False"]).fused_adam is False
 
 
 def old_similarity_loss(z, x, dims):
