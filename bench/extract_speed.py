@@ -12,8 +12,10 @@ Baselines, measured in the same run on batches decoded beforehand and held in RA
   plain+cl    the same loop in channels-last memory format (what the extraction uses by default), to show
               what is left of data loading once it overlaps compute.
 Ours: `csr.extract.extract_split` end to end (decoding in DataLoader worker processes / FFCV threads, writing the
-memory-mapped .npy). Each variant runs --repeats times interleaved; the best run counts (the machine may be shared).
-Lines: `<size> px  <variant>  <images/s>` and `ratio ours/plain` (>= 1: the extraction is not slower).
+memory-mapped .npy), with the eager channels-last model and, on CPU, with the frozen TorchScript graph
+(`Backbone.freeze`, the extraction script's CPU default: `--freeze`). Each variant runs --repeats times interleaved; the best run counts (the machine may be shared).
+Lines: `<size> px  <variant>  <images/s>`, `ratio ours/plain` (>= 1: the extraction is not slower) and
+`ratio frozen/eager` (what the frozen graph gains end to end).
 """
 from __future__ import annotations
 
@@ -82,6 +84,8 @@ def main(argv=None) -> None:
           f"workers {args.workers}, tree {tree}")
     for size in args.sizes:
         bb = create_backbone(None, "efficientnet-lite0", size, device)
+        frozen = create_backbone(None, "efficientnet-lite0", size, device, True).freeze() \
+            if device.type == "cpu" else None
         folder = FolderSource(tree / "train", bb.preprocess)
         sources = [("ours imagefolder", folder)]
         if beton is not None:
@@ -107,11 +111,17 @@ def main(argv=None) -> None:
                 t0 = time.perf_counter()
                 extract_split(src, bb, out, "bench", cfg)
                 record(name, time.perf_counter() - t0)
+                if frozen is not None:
+                    t0 = time.perf_counter()
+                    extract_split(src, frozen, out, "bench", cfg)
+                    record(f"{name} frozen", time.perf_counter() - t0)
         for name, rate in best.items():
             print(f"{size} px  {name:<17} {rate:8.1f} images/s")
         for name, _ in sources:
             print(f"{size} px  ratio {name}/plain {best[name] / best['plain']:.2f}   "
                   f"{name}/plain+cl {best[name] / best['plain+cl']:.2f}")
+            if frozen is not None:
+                print(f"{size} px  ratio {name} frozen/eager {best[name + ' frozen'] / best[name]:.2f}")
         shutil.rmtree(out, ignore_errors=True)
 
 

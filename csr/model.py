@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from csr.precision import encoder_preactivation, pair_dots, select_topk
+from csr.precision import encoder_preactivation, mm, pair_dots, select_topk
 
 
 @dataclass
@@ -130,24 +130,27 @@ DENSE_AUXK_RATIO = 16
 class _DeadUnitsCode(torch.autograd.Function):
     """The AuxK reconstruction from a dense code over the dead units: `z [B, n_dead]` (ReLU-ed pre-activations,
     zero outside each row's top-a) times `W_dec[units]`, with the backward of the encoder and decoder rows of
-    those units as GEMMs. Forward and backward equal `_SparseCode`'s over the same selected pairs."""
+    those units as GEMMs. Forward and backward equal `_SparseCode`'s over the same selected pairs. With
+    `precision="bf16"` the four GEMMs take bf16 operands (fp32 accumulation), as the encoder's matmul does."""
 
     @staticmethod
     def forward(ctx, xc: torch.Tensor, pre_bias: torch.Tensor, weight: torch.Tensor, latent_bias: torch.Tensor,
-                dec_weight: torch.Tensor | None, units: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+                dec_weight: torch.Tensor | None, units: torch.Tensor, z: torch.Tensor,
+                precision: str = "fp32") -> torch.Tensor:
         w_dec = (weight if dec_weight is None else dec_weight)[units]
         ctx.save_for_backward(xc, weight, dec_weight, units, z)
-        return z @ w_dec
+        ctx.precision = precision
+        return mm(z, w_dec, precision)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         xc, weight, dec_weight, units, z = ctx.saved_tensors
+        p = ctx.precision
         w_dec = (weight if dec_weight is None else dec_weight)[units]
-        g = g.float()
-        gz = (g @ w_dec.T).masked_fill_(z <= 0, 0.0)  # unselected and ReLU-clipped entries are 0 in z
+        gz = mm(g, w_dec.T, p).masked_fill_(z <= 0, 0.0)  # unselected and ReLU-clipped entries are 0 in z
         per_unit = gz.sum(0)
-        grad_w = torch.zeros_like(weight).index_copy_(0, units, gz.T @ xc)
-        grad_dec_units = z.T @ g
+        grad_w = torch.zeros_like(weight).index_copy_(0, units, mm(gz.T, xc, p))
+        grad_dec_units = mm(z.T, g, p)
         if dec_weight is None:
             grad_w.index_add_(0, units, grad_dec_units)
             grad_dec = None
@@ -155,7 +158,7 @@ class _DeadUnitsCode(torch.autograd.Function):
             grad_dec = torch.zeros_like(dec_weight).index_copy_(0, units, grad_dec_units)
         grad_latent = weight.new_zeros(weight.shape[0]).index_copy_(0, units, per_unit)
         grad_pre_bias = -(per_unit @ weight[units])
-        return None, grad_pre_bias, grad_w, grad_latent, grad_dec, None, None
+        return None, grad_pre_bias, grad_w, grad_latent, grad_dec, None, None, None
 
 
 class CSR(nn.Module):
@@ -295,7 +298,7 @@ class CSR(nn.Module):
         if a > 0:
             if aux[0] == "dense":
                 _, units, z, aux_idx = aux
-                aux_recon = _DeadUnitsCode.apply(xc, *params, units, z)
+                aux_recon = _DeadUnitsCode.apply(xc, *params, units, z, prec)
             else:
                 _, aux_idx, aux_vals = aux
                 _, aux_recon, _ = _SparseCode.apply(xc, *params, aux_idx, aux_vals, a, prec)

@@ -67,6 +67,16 @@ def encoder_preactivation(xc: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return F.linear(xb, wb, bias.to(torch.bfloat16))  # oneDNN adds the bias in fp32, rounds the output once
 
 
+def mm(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
+    """`a @ b` as fp32: fp32 operands, or bf16 operands with fp32 accumulation (CPU: the output rounded to bf16 once)."""
+    if precision == "fp32":
+        return a.float() @ b.float()
+    ab, bb = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    if a.device.type == "cuda":
+        return torch.mm(ab, bb, out_dtype=torch.float32)
+    return (ab @ bb).float()
+
+
 def _tie_broken_keys(pre: torch.Tensor) -> torch.Tensor:
     """fp32 keys in the order of the bf16 values with every tie broken: the bf16 value's bits in the high half and
     `65535 - unit` in the (otherwise zero) low half, so equal positive values rank the lowest unit first (equal
