@@ -46,7 +46,7 @@ test: setup
 # The main job: Fashion-MNIST (Debian package) -> ImageFolder -> FFCV -> EfficientNet-Lite0 (real ImageNet
 # weights) embeddings -> CSR vs MRL adaptor / PCA / truncation sweep -> results/$(DEMO_NAME)/.
 # Every stage is skipped when its output exists (delete the folder to redo it).
-# Wall time with these defaults: ~14 min to the embeddings + 56-62 min sweep (9 CSR models) on 2 shared CPU cores (README); FFCV is written losslessly (--write_mode raw).
+# Wall time with these defaults (README, b6a7b28, 2 idle CPU cores): 170 s to the embeddings + 714 s sweep (9 CSR models); FFCV is written losslessly (--write_mode raw).
 SUBSET ?= 3000#                 images per class and split (0 = all 60k/10k); 3000 = 30k database, 10k queries
 IMG_SIZE ?= 112
 DEMO_NAME ?= fmnist
