@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -235,7 +236,10 @@ class Backbone:
         x = torch.randn(batch, 3, size, size, device=device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
+        # torch 2.14 marks TorchScript deprecated (torch.compile gives the same speed after ~35 s of compiling
+        # here); until it is removed, trace + freeze is the fastest start, so its warnings are not repeated.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
             self.graph = torch.jit.freeze(torch.jit.trace(_Features().eval(), x, check_trace=False))
         return self
 
