@@ -129,7 +129,7 @@ DENSE_AUXK_RATIO = 16
 
 class _DeadUnitsCode(torch.autograd.Function):
     """The AuxK reconstruction from a dense code over the dead units: `z [B, n_dead]` (ReLU-ed pre-activations,
-    zero outside each row's top-a) times `W_dec[units]`, with the backward of the encoder and decoder rows of
+    zero outside each row's top-a; bf16 when the pre-activations are) times `W_dec[units]`, with the backward of the encoder and decoder rows of
     those units as GEMMs. Forward and backward equal `_SparseCode`'s over the same selected pairs. With
     `precision="bf16"` the four GEMMs take bf16 operands (fp32 accumulation), as the encoder's matmul does."""
 
@@ -147,8 +147,8 @@ class _DeadUnitsCode(torch.autograd.Function):
         xc, weight, dec_weight, units, z = ctx.saved_tensors
         p = ctx.precision
         w_dec = (weight if dec_weight is None else dec_weight)[units]
-        gz = mm(g, w_dec.T, p).masked_fill_(z <= 0, 0.0)  # unselected and ReLU-clipped entries are 0 in z
-        per_unit = gz.sum(0)
+        gz = mm(g, w_dec.T, p, low_out=True).masked_fill_(z <= 0, 0.0)  # unselected, ReLU-clipped: 0 in z
+        per_unit = gz.sum(0, dtype=torch.float32)
         grad_w = torch.zeros_like(weight).index_copy_(0, units, mm(gz.T, xc, p))
         grad_dec_units = mm(z.T, g, p)
         if dec_weight is None:
@@ -318,7 +318,7 @@ class CSR(nn.Module):
             return "sparse", idx, vals
         units = dead.nonzero().squeeze(1)
         pre_dead = pre[:, units]
-        z = pre_dead.float()
+        z = pre_dead if pre_dead.dtype == torch.bfloat16 else pre_dead.float()  # bf16 (CPU): what the GEMMs read
         if a < n_dead:
             _, sel = select_topk(pre_dead, a, sorted=False)
             z = torch.zeros_like(z).scatter_(1, sel, z.gather(1, sel))

@@ -67,14 +67,17 @@ def encoder_preactivation(xc: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return F.linear(xb, wb, bias.to(torch.bfloat16))  # oneDNN adds the bias in fp32, rounds the output once
 
 
-def mm(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
-    """`a @ b` as fp32: fp32 operands, or bf16 operands with fp32 accumulation (CPU: the output rounded to bf16 once)."""
+def mm(a: torch.Tensor, b: torch.Tensor, precision: str, low_out: bool = False) -> torch.Tensor:
+    """`a @ b` as fp32: fp32 operands, or bf16 operands with fp32 accumulation (CPU: the output rounded to bf16
+    once). `low_out`: on CPU in bf16, return that bf16 output as it is (for a product that feeds another bf16
+    GEMM: the same numbers without two conversions of the whole matrix)."""
     if precision == "fp32":
         return a.float() @ b.float()
     ab, bb = a.to(torch.bfloat16), b.to(torch.bfloat16)
     if a.device.type == "cuda":
         return torch.mm(ab, bb, out_dtype=torch.float32)
-    return (ab @ bb).float()
+    out = ab @ bb
+    return out if low_out else out.float()
 
 
 def _tie_broken_keys(pre: torch.Tensor) -> torch.Tensor:
