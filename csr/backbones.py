@@ -218,8 +218,8 @@ class Backbone:
 
     def freeze(self, batch: int = 2) -> "Backbone":
         """Run `features` as a frozen TorchScript graph: traced once on a random `[batch, 3, size, size]` input,
-        then `torch.jit.freeze` folds each BatchNorm into its convolution and inlines the weights. 1.4-1.6x the
-        eager model's images/s on CPU (EfficientNet-Lite0 at 112 px); features equal eager ones to ~1e-5
+        then `torch.jit.freeze` folds each BatchNorm into its convolution and inlines the weights. 1.35-1.5x the
+        extraction's images/s on CPU (EfficientNet-Lite0 at 112 px, README); features equal eager ones to ~1e-5
         (float rounding of the folded weights; tested). Any batch size runs afterwards."""
         model = self.model
 

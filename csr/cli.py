@@ -223,7 +223,7 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
     o.add_argument("--wd", type=nonneg_float, default=0.0, help="Adam weight decay")
     o.add_argument("--adam-eps", type=positive_float, default=6.25e-10, help="Adam epsilon (reference: 6.25e-10)")
     bool_flag(o, "--fused-adam", default=True,
-              help="torch's fused Adam kernel: the same update up to float rounding, ~4x faster on CPU "
+              help="torch's fused Adam kernel: the same update up to float rounding, one kernel per parameter "
                    "(False = torch's default per-op Adam, as the reference)")
     o.add_argument("--schedule", type=schedule_name, default="constant", choices=["constant", "cosine"],
                    help="LR schedule (reference: constant, a StepLR with gamma 1; const = constant)")
