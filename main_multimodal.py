@@ -259,6 +259,21 @@ def train_main(args: argparse.Namespace) -> dict:
 
 # ----------------------------------------------------------------------------- eval
 
+def check_image_text_checkpoint(ckpt: dict, path: str) -> None:
+    """A checkpoint of another trainer (main_visual.py, main_text.py: a training run with no CLIP recorded) was
+    fitted to one kind of embedding, not to CLIP's image and text features under the image-text InfoNCE: its
+    recall would be a number about other data, so it is refused."""
+    if ckpt.get("clip") or not ckpt.get("train_config"):
+        return
+    args = ckpt.get("args") or {}
+    data = (ckpt.get("data") or {}).get("path") or args.get("pretrained_emb") or args.get("emb_dir")
+    script = ("main_visual.py" if "pretrained_emb" in args else "main_text.py" if {"emb_dir", "emb_root"} & set(args)
+              else "a trainer other than main_multimodal.py")
+    raise CSRError(f"--csr_ckpt {path}: trained by {script}" + (f" on {data}" if data else "")
+                   + ", not on CLIP image-text features (no CLIP recorded); train one with main_multimodal.py "
+                     "or pass --csr false")
+
+
 def eval_main(args: argparse.Namespace) -> dict:
     from csr import clip as clip_
     from csr import zeroshot as zs
@@ -274,6 +289,7 @@ def eval_main(args: argparse.Namespace) -> dict:
     model = ckpt = None
     if args.csr:  # read the checkpoint first: a wrong file fails before any embedding work
         model, ckpt = load_model(args.csr_ckpt, device, unfinished="warn")  # epoch_E.pt may be evaluated
+        check_image_text_checkpoint(ckpt, args.csr_ckpt)
     ds = zs.load_caption_set(args.dataset, args.dataset_root, args.annotation, args.split)
     clip = clip_.load_clip(args.model, args.pretrained, device, args.precision, args.force_quick_gelu, args.seed)
     if model is not None:
@@ -281,6 +297,9 @@ def eval_main(args: argparse.Namespace) -> dict:
         trained = (ckpt.get("clip") or {}).get("model")
         if trained and trained != clip.name:
             warn(f"{args.csr_ckpt} was trained on {trained} features, evaluating with {clip.name}")
+        elif not trained:
+            warn(f"{args.csr_ckpt} records no training run (saved outside main_multimodal.py or imported): "
+                 f"nothing says it was trained on {clip.name} features")
     t0 = time.time()
     img = clip_.embed_images(clip, ds.image_paths, args.batch_size, args.workers)
     txt = clip_.embed_texts(clip, ds.captions, args.batch_size)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
+from csr.progress import progress_bar
 
 from csr.io import NpyWriter, atomic_save_npy, atomic_write_json, write_sidecar
 
@@ -174,7 +174,7 @@ def write_imagenet_like(out_dir: str | Path, spec: SyntheticSpec, progress: bool
         labels = np.empty(n, dtype=np.int64)
         path = out_dir / f"{split}_emb.npy"
         with NpyWriter(path, (n, spec.dim), np.float32) as w:
-            for b in tqdm(range(-(-n // BLOCK)), desc=f"write {split}", unit="block", disable=not progress):
+            for b in progress_bar(range(-(-n // BLOCK)), desc=f"write {split}", unit="block", disable=not progress):
                 x, y = synthetic_block(spec, model, split_id, b, min(BLOCK, n - b * BLOCK))
                 w.write(b * BLOCK, x)
                 labels[b * BLOCK:b * BLOCK + len(y)] = y

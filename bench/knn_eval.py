@@ -73,7 +73,7 @@ def _sdt(a: dict, skew: str, k: int, out: str) -> dict:
     """Child process: sparse-dot-topn on the same normalised codes (normalise + transpose + matmul top-n)."""
     import scipy.sparse as sp
     from sparse_dot_topn import sp_matmul_topn
-    from tqdm import tqdm
+    from csr.progress import progress_bar
 
     from csr.sparse_rows import normalized_csr
     q, db = _draw(a, skew, k)
@@ -87,7 +87,7 @@ def _sdt(a: dict, skew: str, k: int, out: str) -> dict:
     K, step = a["K"], 5000
     ind = np.full((q.n, K), -1, dtype=np.int64)
     sc = np.zeros((q.n, K), dtype=np.float32)
-    for s in tqdm(range(0, q.n, step), desc="sparse-dot-topn", disable=not a["progress"], mininterval=1.0):
+    for s in progress_bar(range(0, q.n, step), desc="sparse-dot-topn", disable=not a["progress"], mininterval=1.0):
         r = sp_matmul_topn(qm[s:s + step], dbt, top_n=K, sort=True, n_threads=a["threads"])
         for i in range(r.shape[0]):
             lo, hi = r.indptr[i], r.indptr[i + 1]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, fields, replace
@@ -36,7 +37,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from csr.baselines import MRLConfig  # noqa: E402
-from csr.cli import add_train_args, configs_from_args, run  # noqa: E402
+from csr.cli import (ArgumentParser, add_train_args, configs_from_args, nonneg_float, positive_int,  # noqa: E402
+                     run, str2bool)
+from csr.cli import fraction as parse_fraction  # noqa: E402
 from csr.io import CSRError, atomic_write_json, atomic_write_text, load_embeddings, load_labels  # noqa: E402
 from csr.metrics import markdown_table  # noqa: E402
 from csr.sweep import Sweep, array_identity  # noqa: E402
@@ -109,8 +112,33 @@ def n_folds(rows: int, fraction: float, min_queries: int) -> int:
     return max(1, min(-(-min_queries // nq), rows // nq))
 
 
+# --try fields that count something: at least 1 (every other number but the seed: at least 0); shares: at most 1
+POSITIVE_FIELDS = {"input_dim", "hidden_size", "topk", "dead_threshold", "batch_size", "epochs"}
+SHARE_FIELDS = {"k_anneal_fraction", "resample_until"}
+
+
+def _try_value(change: str, raw: str, cur: Any) -> Any:
+    """`raw` parsed strictly as the type of the field's current value `cur` (a bool: true/false/1/0/...)."""
+    kind = type(cur).__name__
+    try:
+        if isinstance(cur, bool):
+            return str2bool(raw)
+        if isinstance(cur, int):
+            return int(raw)
+        if isinstance(cur, float):
+            val = parse_fraction(raw)
+            if not math.isfinite(val):
+                raise ValueError(raw)
+            return val
+        return type(cur)(raw)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise CSRError(f"--try {change}: {raw!r} is not a {'finite ' if kind == 'float' else ''}{kind}"
+                       + (" (true/false/1/0)" if kind == "bool" else "")) from None
+
+
 def parse_changes(changes: list[str], model_cfg: Any, train_cfg: Any) -> tuple[dict, dict]:
-    """`--try field=value ...` as (model config changes, train config changes), typed like the fields."""
+    """`--try field=value ...` as (model config changes, train config changes), typed like the fields and
+    checked by the configs themselves (a value they refuse is a one-line error naming --try)."""
     mf = {f.name: f for f in fields(model_cfg)}
     tf = {f.name: f for f in fields(train_cfg)}
     mch, tch = {}, {}
@@ -119,12 +147,55 @@ def parse_changes(changes: list[str], model_cfg: Any, train_cfg: Any) -> tuple[d
         if not sep or (key not in mf and key not in tf):
             raise CSRError(f"--try {c}: expected FIELD=VALUE with a field of CSRConfig or TrainConfig")
         cur = getattr(model_cfg, key) if key in mf else getattr(train_cfg, key)
-        try:
-            val = (raw.lower() in ("1", "true", "yes")) if isinstance(cur, bool) else type(cur)(raw)
-        except ValueError:
-            raise CSRError(f"--try {c}: {raw!r} is not a {type(cur).__name__}") from None
+        val = _try_value(c, raw, cur)
+        low = 1 if key in POSITIVE_FIELDS else 0
+        if isinstance(val, (int, float)) and not isinstance(val, bool) and key != "seed" and val < low:
+            raise CSRError(f"--try {c}: {key} must be >= {low}, got {raw}")
+        if key in SHARE_FIELDS and val > 1:
+            raise CSRError(f"--try {c}: {key} must be in [0, 1], got {raw}")
         (mch if key in mf else tch)[key] = val
+        try:
+            replace(train_cfg, **tch)
+        except (ValueError, CSRError) as e:
+            raise CSRError(f"--try {c}: {e}") from None
     return mch, tch
+
+
+def candidate_configs(args, x: np.ndarray, xdb: np.ndarray, k: int, mchange: dict, tchange: dict) -> tuple[Any, Any]:
+    """The candidate's (model, train) configs at k on database rows `xdb`: the recipe's, with the --try changes."""
+    cand_m, cand_t = configs_from_args(argparse.Namespace(**{**vars(args), "topk": k}), x.shape[1], xdb)
+    try:
+        return replace(cand_m, **mchange), replace(cand_t, **tchange)
+    except (ValueError, CSRError) as e:
+        tried = " ".join(f"{key}={v}" for key, v in {**mchange, **tchange}.items())
+        raise CSRError(f"--try {tried}: {e} (at --ks {k}, d={x.shape[1]})") from None
+
+
+def preflight(sets: list[PanelSet], args, mchange: dict, tchange: dict) -> None:
+    """Before any model is trained or cached: every set gives queries and a database at --val-fraction, and the
+    candidate's configs are valid at every k (the recipe sizes the model from the rows)."""
+    for ps in sets:
+        x = load_embeddings(ps.folder / "train_emb.npy")
+        n = min(ps.rows or len(x), len(x))
+        nq = int(round(args.val_fraction * n))
+        if nq < 1 or nq >= n:
+            raise CSRError(f"--val-fraction {args.val_fraction}: {nq} query rows of the {n} rows of set {ps.name} "
+                           f"({ps.folder / 'train_emb.npy'}); queries and database both need rows")
+        y = load_labels(ps.folder / "train_labels.npy", len(x))
+        xdb = val_split(x, y, ps.rows, args.val_fraction, args.split_seed, 0)[0]
+        for k in args.ks:
+            candidate_configs(args, x, xdb, k, mchange, tchange)
+
+
+def open_fraction(s: str) -> float:
+    """A share strictly between 0 and 1 (0 leaves no queries, 1 no database)."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {s!r}") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {s!r}")
+    return v
 
 
 def run_set(ps: PanelSet, args, candidate: str, mchange: dict, tchange: dict) -> list[dict]:
@@ -160,8 +231,7 @@ def fold_cells(ps: PanelSet, x: np.ndarray, y: np.ndarray, fold: int, args, cand
     full = sw.full()  # the ceiling a code of k dims is measured against (not a baseline of the summary)
     for k in args.ks:
         # the candidate's configs per k: a recipe may size the model from the rows and k
-        cand_m, cand_t = configs_from_args(argparse.Namespace(**{**vars(args), "topk": k}), x.shape[1], xdb)
-        cand_m, cand_t = replace(cand_m, **mchange), replace(cand_t, **tchange)
+        cand_m, cand_t = candidate_configs(args, x, xdb, k, mchange, tchange)
         got = {"full": full, "pca": sw.pca(k), "mrl_unsup": sw.mrl(k, mrl_cfg, supervised=False),
                **({"mrl": sw.mrl(k, mrl_cfg, supervised=True)} if cand_t.cl == "label" else {}),
                "paper": sw.csr(k, model_cfg, train_cfg, tag=f"paper_k{k}"),
@@ -217,21 +287,23 @@ def summary_lines(cells: list[dict], candidate: str, tie: float) -> tuple[list[s
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="recipe_val.py", description=__doc__.split("\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("panel")
     g.add_argument("--sets", nargs="+", default=list(PANEL), help="panel sets, or name=FOLDER[:ROWS] of one's own")
     g.add_argument("--text-sets", nargs="*", default=[], help="own sets to score as text (adds V-measure)")
-    g.add_argument("--ks", type=int, nargs="+", default=[2, 8, 16, 32, 64], help="k (active dims) of every cell")
+    g.add_argument("--ks", type=positive_int, nargs="+", default=[2, 8, 16, 32, 64], help="k (active dims) of every cell")
     g.add_argument("--try", dest="changes", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="changes to the candidate's model or train config (a lever tried on top of --recipe)")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="share of a set's rows used as queries")
-    g.add_argument("--min-queries", type=int, default=1500,
+    g.add_argument("--val-fraction", type=open_fraction, default=0.1,
+                   help="share of a set's rows used as queries, in (0, 1)")
+    g.add_argument("--min-queries", type=positive_int, default=1500,
                    help="rotate the query block over folds (one model set per fold) until this many rows are queried")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the row draw and the fixed permutation")
-    g.add_argument("--mrl-epochs", type=int, default=20, help="epochs of the label-free MRL adaptor (its recipe)")
+    g.add_argument("--mrl-epochs", type=positive_int, default=20, help="epochs of the label-free MRL adaptor (its recipe)")
     g.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="train every model of a cell once per seed and average (default: --seed only)")
-    g.add_argument("--tie", type=float, default=0.3, help="a gap of at most this many points is a tie")
+    g.add_argument("--tie", type=nonneg_float, default=0.3, help="a gap of at most this many points is a tie")
     g.add_argument("--runs", default="runs/panel", help="cache of the parts and models; the reports go here too")
     add_train_args(p)  # its --recipe names the candidate; the paper row always uses the flags without a recipe
     p.set_defaults(recipe="recommended")
@@ -240,6 +312,7 @@ def main(argv=None) -> dict:
     sets = parse_sets(args.sets, args.text_sets)
     probe_m, probe_t = configs_from_args(argparse.Namespace(**{**vars(args), "recipe": "paper"}), 8)
     mchange, tchange = parse_changes(args.changes, probe_m, probe_t)
+    preflight(sets, args, mchange, tchange)
     candidate = args.recipe + "".join(f" {c}" for c in args.changes)
     if args.seeds:
         if "seed" in tchange:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
+from csr.progress import progress_bar
 
 from csr.io import CSRError, read_rows
 
@@ -220,7 +220,7 @@ def train_mrl(x: np.ndarray, labels: np.ndarray | None, cfg: MRLConfig, progress
     g = torch.Generator().manual_seed(cfg.seed)
     model.train()
     step = 0
-    bar = tqdm(total=steps, desc="MRL adaptor", disable=not progress, leave=False)
+    bar = progress_bar(total=steps, desc="MRL adaptor", disable=not progress, leave=False)
     while step < steps:
         perm = torch.randperm(n, generator=g)
         for s in range(0, n, cfg.batch_size):

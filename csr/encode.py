@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from csr.progress import progress_bar
 
 from csr.codes import SparseCodes, index_dtype
 from csr.io import CSRError
@@ -22,7 +22,7 @@ def encode_array(model: CSR, emb: np.ndarray, k: int | None = None, batch_size: 
     idx_out = np.empty((n, k), dtype=index_dtype(model.cfg.hidden_size))
     val_out = np.empty((n, k), dtype=values_dtype)
     model = model.to(device).eval()
-    for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+    for s in progress_bar(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         x = torch.from_numpy(np.array(emb[s:s + batch_size], dtype=np.float32)).to(device)
         idx, vals = model.encode(x, k)
         idx_out[s:s + len(x)] = idx.cpu().numpy()

@@ -146,7 +146,7 @@ def _features_fn(backbone: Backbone, device: torch.device, amp: bool):
 def run_blocks(source, backbone: Backbone, blocks: list[tuple[int, int, Callable[[], _Block]]],
                cfg: ExtractConfig, desc: str) -> tuple[int, list[str], float]:
     """Embed the dataset ranges of `blocks` (sorted, disjoint) in order; returns (images done, skipped, s)."""
-    from tqdm import tqdm
+    from csr.progress import progress_bar
     device = torch.device(cfg.device)
     features = _features_fn(backbone, device, cfg.amp)
     todo = np.concatenate([np.arange(s, e, dtype=np.int64) for s, e, _ in blocks]) if blocks else \
@@ -155,8 +155,8 @@ def run_blocks(source, backbone: Backbone, blocks: list[tuple[int, int, Callable
     t0 = time.perf_counter()
     if len(todo) == 0:
         return 0, skipped, 0.0
-    bar = tqdm(total=len(todo), unit="img", desc=desc, disable=not cfg.progress, dynamic_ncols=True,
-               smoothing=0.05)
+    bar = progress_bar(total=len(todo), unit="img", desc=desc, disable=not cfg.progress, dynamic_ncols=True,
+                       smoothing=0.05)
     queue = list(blocks)
     current: _Block | None = None
 

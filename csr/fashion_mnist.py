@@ -70,7 +70,7 @@ def write_image_folder(out: str | os.PathLike, source: str | os.PathLike = DEFAU
                        subset: int = 0, overwrite: bool = False, progress: bool = True) -> dict[str, int]:
     """Write `out/train/<class>/NNNNN.png` and `out/val/...`; returns images written per split."""
     from PIL import Image
-    from tqdm import tqdm
+    from csr.progress import progress_bar
     out, source = Path(out), Path(source)
     if not source.is_dir():
         raise CSRError(f"--source {source}: not found (apt-get install dataset-fashion-mnist)")
@@ -81,7 +81,7 @@ def write_image_folder(out: str | os.PathLike, source: str | os.PathLike = DEFAU
             keep = select_per_class(labels, subset)
             for name in CLASS_NAMES:
                 (tmp / split / name).mkdir(parents=True)
-            for i in tqdm(keep, desc=split, unit="img", disable=not progress):
+            for i in progress_bar(keep, desc=split, unit="img", disable=not progress):
                 Image.fromarray(images[i], mode="L").save(tmp / split / CLASS_NAMES[labels[i]] / f"{i:05d}.png")
             counts[split] = len(keep)
     return counts

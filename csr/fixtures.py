@@ -143,7 +143,7 @@ def train_tiny_clip(fixtures: str | os.PathLike, steps: int = 300, batch_size: i
 
     import open_clip
     import torch
-    from tqdm import tqdm
+    from csr.progress import progress_bar
 
     from csr.io import atomic_path
     from csr.clip import load_clip
@@ -159,7 +159,7 @@ def train_tiny_clip(fixtures: str | os.PathLike, steps: int = 300, batch_size: i
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     torch.manual_seed(seed)
     t0, losses = time.time(), []
-    bar = tqdm(total=steps, desc="tiny CLIP", disable=not progress, leave=False)
+    bar = progress_bar(total=steps, desc="tiny CLIP", disable=not progress, leave=False)
     for images, tokens, _ in shard_loader(stream, workers, False):
         image_f, text_f, scale = model(images, tokens)
         loss = loss_fn(image_f, text_f, scale)
@@ -187,7 +187,7 @@ def build_fixtures(out: str | os.PathLike, n_train: int = 4096, per_shard: int =
                    source: str | os.PathLike = DEFAULT_SOURCE, seed: int = 0,
                    overwrite: bool = False) -> dict[str, Any]:
     """Write every fixture under `out` (atomically, as one directory); returns the paths (also in fixtures.json)."""
-    out, source = check_output(out, overwrite), Path(source)  # writable, not clobbered: before any reading
+    out, source = check_output(out, overwrite, folder=True), Path(source)  # writable, not clobbered: before any reading
     if not source.is_dir():
         raise CSRError(f"--source {source}: not found (apt-get install dataset-fashion-mnist)")
     if n_train < 1 or n_eval < 1 or per_shard < 1:

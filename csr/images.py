@@ -311,16 +311,16 @@ def _check_image(path: str) -> str | None:
 
 def verify_images(paths: Sequence[str], workers: int) -> dict[int, str]:
     """Decode every image once (in `workers` processes); return {position: message} of unreadable ones."""
-    from tqdm import tqdm
+    from csr.progress import progress_bar
     bad: dict[int, str] = {}
     if workers > 1:
         with get_context("fork").Pool(workers) as pool:
             results = pool.imap(_check_image, paths, chunksize=64)
-            for i, msg in enumerate(tqdm(results, total=len(paths), unit="img", desc="verify")):
+            for i, msg in enumerate(progress_bar(results, total=len(paths), unit="img", desc="verify")):
                 if msg:
                     bad[i] = msg
     else:
-        for i, p in enumerate(tqdm(paths, unit="img", desc="verify")):
+        for i, p in enumerate(progress_bar(paths, unit="img", desc="verify")):
             msg = _check_image(p)
             if msg:
                 bad[i] = msg

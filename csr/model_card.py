@@ -3,6 +3,7 @@ checkpoint's sidecar, k, an evaluation table (markdown, metrics JSON or rows) an
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,44 +23,96 @@ def data_files(args: dict[str, Any]) -> list[str]:
     return out
 
 
+EVAL_SOURCES = ("a metrics .json (retrieval/compute_metrics.py, retrieval/sweep.py, main_text.py eval, "
+                "main_multimodal.py eval) or a markdown .md table")
+
+
 def eval_markdown(eval_table: Any) -> str:
     """The evaluation section's table from: markdown text, a `.md`/`.json` path (a metrics JSON from
-    retrieval/compute_metrics.py, a list of row dicts, or {name: value}), a list of such paths (one row per
-    metrics file), a list of row dicts, or a dict of metrics."""
+    retrieval/compute_metrics.py, retrieval/sweep.py, main_text.py or main_multimodal.py eval, a list of row
+    dicts, or {name: value}), a list of such paths (one row per metrics file), a list of row dicts, or a dict
+    of metrics. A file that is none of these is a one-line error naming it."""
     if eval_table is None:
         return ""
     if isinstance(eval_table, (list, tuple)) and eval_table and all(isinstance(p, (str, Path)) for p in eval_table):
-        parts = [_eval_file(Path(p)) for p in eval_table]
+        parts = [eval_file(Path(p)) for p in eval_table]
         rows = [r for p in parts if isinstance(p, list) for r in p]
         texts = [p for p in parts if isinstance(p, str)]
         return "\n\n".join(([markdown_table(rows)] if rows else []) + texts)
     if isinstance(eval_table, Path) or (isinstance(eval_table, str) and "\n" not in eval_table
                                         and eval_table.endswith((".md", ".json", ".txt"))):
-        part = _eval_file(Path(eval_table))
+        part = eval_file(Path(eval_table))
         return part if isinstance(part, str) else markdown_table(part)
     if isinstance(eval_table, str):
         return eval_table.strip()
     return markdown_table(_rows(eval_table, "eval table"))
 
 
-def _rows(obj: Any, name: str) -> list[dict]:
+def _is_metric(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _row(r: Any, where: str) -> dict:
+    """One table row: the scalar fields of `r` (nested values are provenance, not columns); at least one
+    number, else `r` is not a row of metrics."""
+    if not isinstance(r, dict):
+        raise CSRError(f"{where}: expected rows of metrics (JSON objects), got {type(r).__name__}")
+    row = {k: v for k, v in r.items() if v is None or isinstance(v, (str, int, float, bool))}
+    if not any(_is_metric(v) for v in row.values()):
+        raise CSRError(f"{where}: a row without any numeric metric (fields: {', '.join(map(str, r)) or 'none'})")
+    return row
+
+
+def _rows(obj: Any, run: str, where: str | None = None) -> list[dict]:
+    """Table rows from a metrics JSON: compute_metrics' {"metrics": {...}} (one row named `run`), the sweep's
+    {"parts": [...]}, main_text.py's {"results": [{"rows": [...]}]}, main_multimodal.py's {"results": [...]},
+    {name: value}, {run: {metric: value}} or a list of rows. `where` names the source in errors."""
+    where = where or run
     if isinstance(obj, dict) and isinstance(obj.get("metrics"), dict):
-        return [{"run": name, **obj["metrics"]}]
-    if isinstance(obj, dict) and all(isinstance(v, (int, float)) for v in obj.values()):
-        return [{"run": name, **obj}]
-    if isinstance(obj, dict) and all(isinstance(v, dict) for v in obj.values()):
-        return [{"run": k, **v} for k, v in obj.items()]
-    if isinstance(obj, list) and all(isinstance(r, dict) for r in obj):
-        return list(obj)
-    raise CSRError(f"{name}: cannot read an evaluation table from this JSON (expected metrics, rows or a dict)")
+        return [{"run": run, **_row(obj["metrics"], where)}]
+    if isinstance(obj, dict) and isinstance(obj.get("parts"), list) and obj["parts"]:
+        return [_row(r, where) for r in obj["parts"]]
+    if isinstance(obj, dict) and isinstance(obj.get("results"), list) and obj["results"]:
+        res = obj["results"]
+        if all(isinstance(r, dict) and isinstance(r.get("rows"), list) for r in res):
+            res = [row for r in res for row in r["rows"]]
+        return [_row(r, where) for r in res]
+    if isinstance(obj, dict) and obj and all(_is_metric(v) for v in obj.values()):
+        return [{"run": run, **obj}]
+    if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
+        return [_row({"run": k, **v}, where) for k, v in obj.items()]
+    if isinstance(obj, list) and obj:
+        return [_row(r, where) for r in obj]
+    raise CSRError(f"{where}: not an evaluation table (expected {EVAL_SOURCES})")
 
 
-def _eval_file(path: Path) -> str | list[dict]:
+def eval_file(path: Path) -> str | list[dict]:
+    """The rows of a metrics `.json` or the text of a `.md` holding a markdown table; anything else (another
+    suffix, binary bytes, a JSON of another shape, a .md without a table) is a one-line error naming `path`."""
+    if not path.exists():
+        raise CSRError(f"--eval {path}: evaluation file not found")
     if not path.is_file():
-        raise CSRError(f"{path}: evaluation file not found")
+        raise CSRError(f"--eval {path}: not a file (expected {EVAL_SOURCES})")
     if path.suffix == ".json":
-        return _rows(read_json(path, "evaluation JSON"), path.stem)
-    return path.read_text().strip()
+        return _rows(read_json(path, "evaluation JSON", flag="--eval"), path.stem, f"--eval {path}")
+    if path.suffix != ".md":
+        raise CSRError(f"--eval {path}: expected {EVAL_SOURCES}, got a {path.suffix or 'suffix-less'} file")
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise CSRError(f"--eval {path}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start}); "
+                       f"expected {EVAL_SOURCES}") from None
+    if not _has_markdown_table(text):
+        raise CSRError(f"--eval {path}: no markdown table (a | header | row and a |---| line); expected "
+                       f"{EVAL_SOURCES}")
+    return text
+
+
+def _has_markdown_table(text: str) -> bool:
+    """A `| header |` line followed by a `|---|` separator line."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    return any(head.startswith("|") and "|" in sep and "---" in sep and re.fullmatch(r"[|:\-\s]+", sep)
+               for head, sep in zip(lines, lines[1:]))
 
 
 def _data_lines(ckpt: dict[str, Any]) -> list[str]:

@@ -30,9 +30,9 @@ from csr.train import AMP_DEVICE_TYPES, TrainConfig, TrainData, train
 
 METHOD_NAMES = {"full": "full-dim", "trunc": "truncation", "pca": "PCA", "mrl": "MRL adaptor (labels)",
                 "mrl_unsup": "MRL adaptor (no labels)", "csr": "CSR", "csr_rec": "CSR (recommended recipe)",
-                "csr_rec_label": "CSR (recommended recipe + labels)",
-                "csr_ada": "CSR (adaptive recipe)", "csr_ada_label": "CSR (adaptive recipe + labels)", "csr_one": "CSR (one model, k varied at inference)"}
-STYLES = {"csr": "o-", "csr_rec": "D-", "csr_rec_label": "D--", "csr_ada": "P-", "csr_ada_label": "P--", "csr_one": "o--", "mrl": "s-", "mrl_unsup": "s--", "pca": "^-", "trunc": "v-"}  # table rows
+                "csr_rec_label": "CSR (recommended recipe + labels)", "csr_rec_v1": "CSR (recommended-v1 recipe)",
+                "csr_rec_v1_label": "CSR (recommended-v1 recipe + labels)", "csr_one": "CSR (one model, k varied at inference)"}
+STYLES = {"csr": "o-", "csr_rec": "P-", "csr_rec_label": "P--", "csr_rec_v1": "D-", "csr_rec_v1_label": "D--", "csr_one": "o--", "mrl": "s-", "mrl_unsup": "s--", "pca": "^-", "trunc": "v-"}  # table rows
 
 
 def evaluate(db, queries, db_labels: np.ndarray, q_labels: np.ndarray, K: int = 10,

@@ -194,15 +194,33 @@ def write_corpus_info(out_dir: Path, contents: dict) -> None:
     atomic_write_json(Path(out_dir) / "corpus.json", contents)
 
 
+CORPUS_TASKS = ("labelled", "retrieval")
+
+
 def read_corpus_info(emb_dir: str | os.PathLike) -> dict:
-    """The `corpus.json` of an embedded folder."""
+    """The `corpus.json` of an embedded folder: a JSON object with a `name` and a `task` (labelled or
+    retrieval; a retrieval folder's `qrels` map splits to [query, document, grade] rows)."""
     p = Path(emb_dir) / "corpus.json"
     if not p.exists():
         raise CSRError(f"{p}: not found; run `main_text.py embed` into {emb_dir} first")
     try:
-        return json.loads(p.read_text())
+        meta = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise CSRError(f"{p}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise CSRError(f"{p}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start})") from None
+    redo = f"; re-run `main_text.py embed` into {emb_dir}"
+    if not isinstance(meta, dict):
+        raise CSRError(f"{p}: expected a JSON object with name and task, got a {type(meta).__name__}{redo}")
+    if meta.get("task") not in CORPUS_TASKS:
+        got = f"task {meta['task']!r}" if "task" in meta else "no task"
+        raise CSRError(f"{p}: {got}, expected {' or '.join(CORPUS_TASKS)}{redo}")
+    if not isinstance(meta.get("name"), str) or not meta["name"]:
+        raise CSRError(f"{p}: no corpus name{redo}")
+    qrels = meta.get("qrels", {})
+    if not isinstance(qrels, dict) or not all(isinstance(rows, list) for rows in qrels.values()):
+        raise CSRError(f"{p}: qrels must map each split to a list of [query, document, grade] rows{redo}")
+    return meta
 
 
 def pair_embeddings(emb_dir: str | os.PathLike, split: str = "train") -> tuple[Path, Path]:

@@ -235,6 +235,14 @@ def evaluate_views(views, task: str, y_or_qrels, progress: bool = True, desc: st
 METHODS = ("dense", "truncation", "pca", "csr")
 
 
+def check_classes(labels: np.ndarray, path) -> None:
+    """Classification and clustering need two classes or more on each side of a labelled corpus."""
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise CSRError(f"{path}: {len(labels)} labels of one class ({classes[0] if len(classes) else 'none'}); "
+                       f"classification and clustering need at least 2 classes")
+
+
 def method_rank(method: str) -> tuple[int, str]:
     """Table / plot order: truncation, pca, the CSR variants (by name), dense."""
     return ({"truncation": 0, "pca": 1}.get(method, 3 if method == "dense" else 2), method)
@@ -259,9 +267,14 @@ def evaluate_folder(emb_dir: str, csr_runs: dict[str, dict[int, str]], dims: tup
         check_dims(dims, a.shape[1], "--dims", root / f"{sides[0]}_emb.npy")
     if info["task"] == "labelled":
         target = (load_labels(root / "train_labels.npy", a.shape[0]), load_labels(root / "test_labels.npy", b.shape[0]))
+        for side, y in zip(sides, target):
+            check_classes(y, root / f"{side}_labels.npy")
         clip_k(knn_k, a.shape[0], "--knn-k")  # a warning: with more voters than rows, every row votes
         kw = dict(knn_k=knn_k, retrieval_k=retrieval_k, seed=seed)
     else:
+        if "test" not in info.get("qrels", {}):
+            raise CSRError(f"{root / 'corpus.json'}: no test qrels to evaluate retrieval against (splits: "
+                           f"{sorted(info.get('qrels', {})) or 'none'})")
         target, kw = info["qrels"]["test"], dict(retrieval_k=retrieval_k)
     a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
     views = chain(baseline_views(a, b, dims, methods, seed),

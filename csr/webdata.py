@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from csr.clip import FrozenCLIP
 from csr.distributed import Runtime, barrier
-from csr.io import CSRError, NpyWriter, atomic_save_npy, info, load_embeddings, read_sidecar, write_sidecar
+from csr.io import (CSRError, NpyWriter, atomic_save_npy, info, load_embeddings, read_sidecar, sidecar_path,
+                    write_sidecar)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXT = "txt"
@@ -195,6 +196,23 @@ def extract_features(clip: FrozenCLIP, stream: ShardStream, workers: int, limit:
     return img[:limit], txt[:limit], skipped
 
 
+def check_cache_shape(cache: Path, arrays: dict[str, np.ndarray], clip: FrozenCLIP) -> None:
+    """Each cached array `{name: array}` is what its sidecar says (n pairs of width d) and d is the CLIP's
+    width: an array written over, or a sidecar copied from another cache, is an error before training reads a
+    row."""
+    for name, arr in arrays.items():
+        path = cache / name
+        meta = read_sidecar(path)
+        n, d = arr.shape
+        recorded = (meta.get("n", n), meta.get("d", d))
+        if (n, d) != recorded:
+            raise CSRError(f"--feature-cache {path}: shape ({n}, {d}) but its sidecar {sidecar_path(path)} records "
+                           f"{recorded}; delete the cache")
+        if d != clip.embed_dim:
+            raise CSRError(f"--feature-cache {path}: features of width {d} but {clip.name} embeds to "
+                           f"{clip.embed_dim}; delete the cache")
+
+
 def build_feature_cache(cache_dir: str | Path, clip: FrozenCLIP, shards: Sequence[str], spec: str,
                         batch_size: int, workers: int, limit: int | None, rt: Runtime,
                         progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -215,6 +233,7 @@ def build_feature_cache(cache_dir: str | Path, clip: FrozenCLIP, shards: Sequenc
         if diff:
             raise CSRError(f"--feature-cache {cache}: holds features of another run ({diff}); use another "
                            f"directory or delete it")
+        check_cache_shape(cache, {img_path.name: img, txt_path.name: txt}, clip)
         if rt.is_main:
             info(f"feature cache: reusing {img_path} and {txt_path} ({meta.get('n')} pairs)")
         return img, txt

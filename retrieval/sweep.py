@@ -37,11 +37,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from csr import distributed  # noqa: E402
 from csr.baselines import MRLConfig  # noqa: E402
-from csr.cli import RECIPE_ROWS, ArgumentParser, add_train_args, bool_flag, configs_from_args, nonneg_int, positive_int, run  # noqa: E402
+from csr.cli import ArgumentParser, add_train_args, bool_flag, configs_from_args, nonneg_int, positive_int, run  # noqa: E402
 from csr.io import (CSRError, check_dims, check_output, check_same_width, labels_path_for,  # noqa: E402
                     load_embeddings, load_labels, read_sidecar)
 from csr.provenance import file_identity  # noqa: E402
-from csr.recipes import RESAMPLE, apply_recipe  # noqa: E402
+from csr.recipes import RECIPE_CHOICES, RECIPE_ROWS, RESAMPLE, apply_recipe, resolve_recipe  # noqa: E402
 from csr.sweep import Sweep, write_report  # noqa: E402
 
 # variant -> (model config changes, training config changes) or a recipe name, applied to the flags at --ablation-k
@@ -55,8 +55,7 @@ ABLATIONS = {
     "encoder_init=data": ({}, dict(encoder_init="data")),
     "resample": ({}, RESAMPLE),
     "k_anneal=64": ({}, dict(k_start=64, k_anneal_fraction=0.7)),
-    "recommended": "recommended",
-    "recommended+labels": "recommended+labels",
+    **{r: r for r in RECIPE_ROWS},
 }
 
 
@@ -75,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["csr", "csr_one", "mrl", "mrl_unsup", "pca", "trunc", "full"], help="methods to run")
     s.add_argument("--one-model-k", type=nonneg_int, default=0,
                    help="with method csr_one: train ONE CSR at this k and evaluate it at every k in --ks")
-    s.add_argument("--recipes", nargs="*", default=["recommended", "recommended+labels"], choices=list(RECIPE_ROWS),
+    s.add_argument("--recipes", nargs="*", default=["recommended", "recommended+labels"],
+                   choices=[r for r in RECIPE_CHOICES if r != "paper"],
                    help="extra CSR rows at every k, each a named recipe applied on top of the flags (default: "
                         "recommended and recommended+labels; none: `--recipes` alone). The main CSR row is the flags' recipe: the paper's by default")
     s.add_argument("--ablation-k", type=nonneg_int, default=32, help="k of the ablation (0 = no ablation)")
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> str:
     args = build_parser().parse_args(argv)
+    args.recipes = list(dict.fromkeys(resolve_recipe(r) for r in args.recipes))
     t_start = time.time()
     xtr, xte = load_embeddings(args.train_emb), load_embeddings(args.eval_emb)
     check_same_width(xtr, xte, args.train_emb, args.eval_emb)

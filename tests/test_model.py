@@ -1,5 +1,6 @@
 """The CSR model and losses against plain dense reference implementations."""
 import math
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -367,16 +368,16 @@ def test_untied_decoder_step_removes_the_parallel_gradient_and_keeps_unit_norm()
     assert not torch.equal(before, m.decoder_weight)
 
 
-def test_recommended_recipe_leaves_fewer_dead_units_on_real_pixels(tmp_path):
+def test_recommended_v1_recipe_leaves_fewer_dead_units_on_real_pixels(tmp_path):
     """Fashion-MNIST pixels (non-negative, large common mean, like CNN features), the same number of steps:
-    the paper's recipe leaves most units dead; each remedy alone leaves fewer, the recommended recipe fewest."""
+    the paper's recipe leaves most units dead; each remedy alone leaves fewer, the recommended-v1 recipe (all of them) fewest."""
     from csr.encode import dead_fraction, encode_array
     from csr.fashion_mnist import DEFAULT_SOURCE, load_split
     from csr.recipes import apply_recipe
     xs, _ = load_split(DEFAULT_SOURCE, "train")
     x = (xs[:3000].reshape(3000, -1) / 255.0).astype(np.float32)
     base = (CSRConfig(input_dim=784, hidden_size=1024, topk=8, auxk=128), TrainConfig(batch_size=500, epochs=4))
-    variants = {"paper": base, "recommended": apply_recipe("recommended", *base, x),
+    variants = {"paper": base, "recommended": apply_recipe("recommended-v1", *base, x),
                 "geometric median": (base[0], replace(base[1], bpre_init="geometric_median")),
                 "resampling": (base[0], replace(base[1], resample_every=6, resample_until=0.9))}
     assert variants["recommended"][0].hidden_size == 750  # the recipe's cap: 3000 rows / 4
@@ -400,20 +401,38 @@ def test_recipe_adapts_to_the_sign_and_number_of_training_rows():
     mcfg, tcfg = CSRConfig(input_dim=384, hidden_size=1536, topk=8), TrainConfig()
     signed = rng.normal(size=(1600, 384)).astype(np.float32)
     nonneg = np.abs(signed)
-    m, t = apply_recipe("recommended", mcfg, tcfg, nonneg)
+    m, t = apply_recipe("recommended-v1", mcfg, tcfg, nonneg)
     assert m.hidden_size == 400 and not m.tied and t.bpre_init == "geometric_median" and t.cl == "self"
     assert t.recon_loss == "nmse" and t.resample_every > 0
-    m, t = apply_recipe("recommended", mcfg, tcfg, signed)
+    m, t = apply_recipe("recommended-v1", mcfg, tcfg, signed)
     assert m.hidden_size == 400 and m.tied and t.bpre_init == "zeros" and t.cl == "none" and t.resample_every == 0
     big = np.abs(rng.normal(size=(60000, 8)).astype(np.float32))
-    assert apply_recipe("recommended", mcfg, tcfg, big)[0].hidden_size == 1536  # 4·d is already below rows / 4
-    assert apply_recipe("recommended", mcfg, tcfg, nonneg, hidden_fixed=True)[0].hidden_size == 1536
+    assert apply_recipe("recommended-v1", mcfg, tcfg, big)[0].hidden_size == 1536  # 4·d is already below rows / 4
+    assert apply_recipe("recommended-v1", mcfg, tcfg, nonneg, hidden_fixed=True)[0].hidden_size == 1536
     assert apply_recipe("paper", mcfg, tcfg, signed) == (mcfg, tcfg)
-    from csr.cli import RECIPE_ROWS
-    from csr.recipes import RECIPES
+    from csr.recipes import RECIPE_ROWS, RECIPES
     assert set(RECIPES) == {"paper", *RECIPE_ROWS}  # every recipe has a result row in the sweep / text demo
-    m, t = apply_recipe("recommended+labels", mcfg, tcfg, signed[:100])
+    m, t = apply_recipe("recommended-v1+labels", mcfg, tcfg, signed[:100])
     assert m.hidden_size == 32 and t.cl == "label" and t.cl_coef == 1.0  # at least 4·k units
+
+
+def test_renamed_recipes_still_work_and_too_few_rows_for_a_sparse_code_is_an_error(capsys):
+    """`adaptive` is the recommended recipe's earlier name: the same configs, one warning line. A recipe that would
+    leave no more units than k (5 rows at k = 8) refuses, naming the recipe, rows and k."""
+    from csr.io import CSRError
+    from csr.recipes import apply_recipe
+    rng = np.random.default_rng(0)
+    mcfg, tcfg = CSRConfig(input_dim=16, hidden_size=64, topk=2), TrainConfig()
+    x = np.abs(rng.normal(size=(400, 16))).astype(np.float32)
+    assert apply_recipe("adaptive", mcfg, tcfg, x) == apply_recipe("recommended", mcfg, tcfg, x)
+    assert apply_recipe("adaptive+labels", mcfg, tcfg, x) == apply_recipe("recommended+labels", mcfg, tcfg, x)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: --recipe adaptive is now called recommended (same recipe)",
+                   "warning: --recipe adaptive+labels is now called recommended+labels (same recipe)"]
+    assert apply_recipe("recommended-v1", mcfg, tcfg, x) != apply_recipe("recommended", mcfg, tcfg, x)
+    for recipe in ("recommended", "recommended+labels"):
+        with pytest.raises(CSRError, match=rf"--recipe {re.escape(recipe)}: 8 units from 5 training rows at k=8"):
+            apply_recipe(recipe, replace(mcfg, topk=8), tcfg, x[:5])
 
 
 def test_resampled_units_fire_on_the_inputs_they_were_moved_to():

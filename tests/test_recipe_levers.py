@@ -106,8 +106,8 @@ def test_panel_table_and_summary_equal_a_direct_computation(tmp_path):
         assert f"{c['top1']:.2f}" in res["report"]
 
 
-def test_adaptive_recipe_sizes_the_model_from_rows_and_k():
-    """The adaptive recipe: each unit fires for at least FIRES_PER_UNIT rows (by sign) on average (rows·k / hidden) unless
+def test_recommended_recipe_sizes_the_model_from_rows_and_k():
+    """The recommended recipe: each unit fires for at least FIRES_PER_UNIT rows (by sign) on average (rows·k / hidden) unless
     the 2·k floor holds, never more units than the flag or one per 4 rows, and on signed rows never more than
     SIGNED_UNITS unless 2·k is more; the batch halves (powers of two) until
     an epoch holds STEPS_PER_EPOCH steps or it reaches MIN_BATCH; the encoder starts from training rows when the code
@@ -123,15 +123,15 @@ def test_adaptive_recipe_sizes_the_model_from_rows_and_k():
         for k in (2, 8, 64):
             mcfg, tcfg = CSRConfig(input_dim=384, hidden_size=1536, topk=k), TrainConfig()
             for xs in (x, np.abs(x)):
-                m, t = apply_recipe("adaptive", mcfg, tcfg, xs)
+                m, t = apply_recipe("recommended", mcfg, tcfg, xs)
                 assert m.topk == k
                 assert t.encoder_init == ("data" if m.hidden_size > DATA_INIT_UNITS_PER_K * k else "pca")
                 if xs.min() < 0:
                     assert t.encoder_init == "pca"
                 assert t.bpre_init == ("geometric_median" if xs.min() >= 0 else "mean")
-                # non-negative rows resample during the first half of the steps only (recommended: 90 %)
+                # non-negative rows resample during the first half of the steps only (recommended-v1: 90 %)
                 assert (t.resample_every, t.resample_until) == ((14, 0.5) if xs.min() >= 0 else (0, 0.5))
-                assert apply_recipe("recommended", mcfg, tcfg, np.abs(x))[1].resample_until == 0.9
+                assert apply_recipe("recommended-v1", mcfg, tcfg, np.abs(x))[1].resample_until == 0.9
                 assert k <= m.hidden_size <= 1536 and m.hidden_size <= max(rows // ROWS_PER_UNIT, k)
                 fires = FIRES_PER_UNIT["nonnegative" if xs.min() >= 0 else "signed"]
                 assert rows * k / m.hidden_size >= fires or m.hidden_size <= 2 * k or \
@@ -141,17 +141,17 @@ def test_adaptive_recipe_sizes_the_model_from_rows_and_k():
                 assert t.batch_size <= 4096 and 4096 % t.batch_size == 0
                 assert rows // t.batch_size >= STEPS_PER_EPOCH or t.batch_size == MIN_BATCH
                 assert t.batch_size == 4096 or rows // (2 * t.batch_size) < STEPS_PER_EPOCH
-                assert apply_recipe("adaptive", mcfg, tcfg, xs, hidden_fixed=True)[0].hidden_size == 1536
+                assert apply_recipe("recommended", mcfg, tcfg, xs, hidden_fixed=True)[0].hidden_size == 1536
             seen.add(m.hidden_size)
     assert len(seen) > 5  # the size really follows rows and k
-    m, t = apply_recipe("adaptive+labels", CSRConfig(input_dim=384, hidden_size=1536, topk=8), TrainConfig(),
+    m, t = apply_recipe("recommended+labels", CSRConfig(input_dim=384, hidden_size=1536, topk=8), TrainConfig(),
                         np.abs(rng.normal(size=(5000, 16))))
     assert t.cl == "label" and t.encoder_init == "data" and m.hidden_size == 5000 * 8 // FIRES_PER_UNIT["nonnegative"]
     for k in (2, 8, 64):  # the panel's image sizes: 27k non-negative rows of 1280 dims, 4·d units at most
-        m, t = apply_recipe("adaptive", CSRConfig(input_dim=1280, hidden_size=5120, topk=k), TrainConfig(),
+        m, t = apply_recipe("recommended", CSRConfig(input_dim=1280, hidden_size=5120, topk=k), TrainConfig(),
                             np.abs(rng.normal(size=(27000, 4))).astype(np.float32))
         assert t.encoder_init == "data" and m.hidden_size > DATA_INIT_UNITS_PER_K * k
-    m, t = apply_recipe("adaptive", CSRConfig(input_dim=1280, hidden_size=5120, topk=64), TrainConfig(),
+    m, t = apply_recipe("recommended", CSRConfig(input_dim=1280, hidden_size=5120, topk=64), TrainConfig(),
                         np.abs(rng.normal(size=(2700, 4))).astype(np.float32))
     assert (m.hidden_size, t.encoder_init) == (675, "pca")  # 2.7k rows at k = 64: a dense code
     assert FIRES_PER_UNIT["signed"] > FIRES_PER_UNIT["nonnegative"]
@@ -159,9 +159,9 @@ def test_adaptive_recipe_sizes_the_model_from_rows_and_k():
     signed = rng.normal(size=(60000, 16)).astype(np.float32)
     for k, want in ((2, SIGNED_UNITS), (8, SIGNED_UNITS), (64, 2 * 64)):
         assert 60000 * k // FIRES_PER_UNIT["signed"] > want
-        m, _ = apply_recipe("adaptive", CSRConfig(input_dim=384, hidden_size=1536, topk=k), TrainConfig(), signed)
+        m, _ = apply_recipe("recommended", CSRConfig(input_dim=384, hidden_size=1536, topk=k), TrainConfig(), signed)
         assert m.hidden_size == want
-    m, _ = apply_recipe("adaptive", CSRConfig(input_dim=384, hidden_size=1536, topk=2), TrainConfig(), signed[:1600])
+    m, _ = apply_recipe("recommended", CSRConfig(input_dim=384, hidden_size=1536, topk=2), TrainConfig(), signed[:1600])
     assert m.hidden_size == 1600 * 2 // FIRES_PER_UNIT["signed"]  # below the cap: rows·k / FIRES as before
 
 
@@ -176,13 +176,13 @@ def tiny_panel_set(folder, seed: int) -> None:
 
 
 def test_panel_compares_a_labelled_candidate_with_the_labelled_mrl_adaptor(tmp_path):
-    """A candidate that trains with labels (`--recipe adaptive+labels`) is also compared with the MRL adaptor
+    """A candidate that trains with labels (`--recipe recommended+labels`) is also compared with the MRL adaptor
     trained with the same labels; a label-free candidate is not."""
     from bench import recipe_val as rv
     tiny_panel_set(tmp_path / "s", seed=1)
-    res = rv.main(["--sets", f"s={tmp_path / 's'}", "--recipe", "adaptive+labels", "--ks", "2", "--epochs", "1",
+    res = rv.main(["--sets", f"s={tmp_path / 's'}", "--recipe", "recommended+labels", "--ks", "2", "--epochs", "1",
                    "--mrl-epochs", "1", "--min-queries", "20", "--runs", str(tmp_path / "runs")])
-    assert {c["method"] for c in res["cells"]} == {"full", "pca", "mrl_unsup", "mrl", "paper", "adaptive+labels"}
+    assert {c["method"] for c in res["cells"]} == {"full", "pca", "mrl_unsup", "mrl", "paper", "recommended+labels"}
     assert [c["baseline"] for c in res["comparisons"]] == ["pca", "mrl_unsup", "paper", "mrl"]
     assert "MRL adaptor (labels)" in res["report"]
 
@@ -249,17 +249,17 @@ def test_panel_seeds_average_the_cells_of_single_seed_runs(tmp_path):
     panels' cells (PCA, which has no seed, is the same in all three), over the same queries."""
     from bench import recipe_val as rv
     tiny_panel_set(tmp_path / "s", seed=2)
-    common = ["--sets", f"s={tmp_path / 's'}", "--recipe", "adaptive", "--ks", "2", "--epochs", "2",
+    common = ["--sets", f"s={tmp_path / 's'}", "--recipe", "recommended", "--ks", "2", "--epochs", "2",
               "--mrl-epochs", "1", "--min-queries", "20", "--runs", str(tmp_path / "runs")]
     one, two = (rv.main(common + ["--seed", s]) for s in ("3", "4"))
     both = rv.main(common + ["--seeds", "3", "4"])
-    cand = "adaptive seeds=3,4"
+    cand = "recommended seeds=3,4"
     assert any(c["method"] == cand for c in both["cells"])
     for c in both["cells"]:
-        m = "adaptive" if c["method"] == cand else c["method"]
+        m = "recommended" if c["method"] == cand else c["method"]
         a, b = ([d for d in r["cells"] if d["method"] == m and d["k"] == c["k"]][0] for r in (one, two))
         assert c["top1"] == pytest.approx((a["top1"] + b["top1"]) / 2) and c["queries"] == a["queries"]
-        if m in ("adaptive", "paper"):
+        if m in ("recommended", "paper"):
             assert c["dead"] == pytest.approx((a["dead"] + b["dead"]) / 2)
     assert [d["top1"] for d in one["cells"] if d["method"] == "pca"] == \
         [d["top1"] for d in both["cells"] if d["method"] == "pca"]

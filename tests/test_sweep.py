@@ -110,7 +110,8 @@ def test_sweep_writes_consistent_table_json_png_and_reuses_parts(pixels, tmp_pat
     again = sweep.main(argv + ["--overwrite"])
     assert again == table and csr_part.stat().st_mtime_ns == mtime
     out = capsys.readouterr().out
-    assert recomputed(out) == set() and "reused 20 cached parts" in out  # same flags: everything reused
+    n_parts = len(res["parts"]) + len(res["ablation"])  # every row and variant, those sharing a model too
+    assert recomputed(out) == set() and f"reused {n_parts} cached parts" in out  # same flags: everything reused
 
 
 def recomputed(out: str) -> set[str]:
