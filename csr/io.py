@@ -120,37 +120,57 @@ def _json_default(o: Any) -> Any:
 
 
 def check_output(path: str | os.PathLike, overwrite: bool, flag: str = "--overwrite",
-                 also: Iterable[str | os.PathLike] = (), sidecar: bool = False) -> Path:
+                 also: Iterable[str | os.PathLike] = (), sidecar: bool = False,
+                 inputs: dict[str, Any] | None = None, folder: bool = False) -> Path:
     """Before any work: refuse to clobber an existing output unless `overwrite`, and check that `path` can be
     written at all. `also`: every other file the stage writes beside `path` (scores, labels), checked the same
-    way; `sidecar`: the stage writes `sidecar_path(path)` too, which is checked as well and is never replaced
-    when it describes another file (another stage's output of the same name), whatever `overwrite` says."""
+    way; `sidecar`: the stage writes `sidecar_path(path)` too, which is checked as well. Whatever `overwrite`
+    says, never replaced: another file's sidecar (another stage's output of the same name), a file the stage
+    reads (`inputs`: {flag: path}), and a directory where a file goes (`folder`: the output is a directory)."""
     path = Path(path)
     check_writable(path.parent, path)
     others = [Path(p) for p in also]
     if sidecar:
-        side = sidecar_path(path)
-        owner = _sidecar_owner(side)
-        if owner is not None and owner != path.name:
-            raise CSRError(f"{side} is the sidecar of {side.parent / owner}, which {path} would replace; choose "
+        others.append(sidecar_path(path))
+    for p in (path, *others):
+        owner = _sidecar_owner(p)
+        if owner is not None and not (sidecar and p == sidecar_path(path) and owner == path.name):
+            raise CSRError(f"{p} is the sidecar of {p.parent / owner}, which {path} would replace; choose "
                            f"another name")
-        others.append(side)
+        for role, src in (inputs or {}).items():
+            if src is not None and same_file(p, Path(src)):
+                raise CSRError(f"{p} is also the input {role} {src}, which this stage reads; choose another name")
+        if p.is_dir() and not (folder and p == path):
+            raise CSRError(f"{p} is a directory; give a file name")
     for p in (path, *others):
         if p.exists() and not overwrite:
             raise CSRError(f"{p} exists; pass {flag} to replace it")
     return path
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file (the same path, a link to it, or a hard link)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _sidecar_owner(side: Path) -> str | None:
-    """The `file` an existing sidecar describes (None: no sidecar, or not one of ours)."""
-    if not side.is_file():
+    """The `file` an existing JSON file describes when it is that file's sidecar (None: no such file, or not a
+    sidecar of ours)."""
+    if side.suffix != ".json" or not side.is_file() or side.stat().st_size > (1 << 20):  # sidecars are small
         return None
     try:
         meta = json.loads(side.read_text())
     except (OSError, ValueError):
         return None
     owner = meta.get("file") if isinstance(meta, dict) else None
-    return owner if isinstance(owner, str) else None
+    if not isinstance(owner, str) or not owner or "/" in owner or sidecar_path(side.parent / owner) != side:
+        return None
+    return owner
 
 
 def check_writable(folder: str | os.PathLike, target: str | os.PathLike | None = None) -> Path:
@@ -230,13 +250,19 @@ def read_json(path: Path, what: str = "file", flag: str | None = None) -> Any:
 
 
 def read_sidecar(path: str | os.PathLike) -> dict:
+    """The sidecar of `path` as a dict ({} when there is none); anything but a JSON object is a CSRError."""
     side = sidecar_path(path)
     if not side.exists():
         return {}
+    if not side.is_file():
+        raise CSRError(f"{side}: is a directory, expected the JSON sidecar of {path}")
     try:
-        return json.loads(side.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CSRError(f"{side}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CSRError(f"{side}: not a sidecar (expected a JSON object, got {type(meta).__name__})")
+    return meta
 
 
 # ----------------------------------------------------------------------------- embeddings and labels

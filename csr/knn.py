@@ -18,9 +18,35 @@ from csr.topk import check_hidden_size, check_k, select_topk
 BACKENDS = ("faiss", "sparse", "scipy")
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+def l2_normalize(x: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """Rows `[N, d]` scaled to unit L2 norm, as float32; all-zero rows stay zero. Rows whose float32 norm is
+    out of range (huge or tiny values: their squares overflow or underflow) are divided by their largest
+    magnitude and normalised in float64, so they keep the direction of the unscaled row."""
+    out = np.empty(np.shape(x), dtype=np.float32)
+    narrow = np.dtype(getattr(x, "dtype", np.float64)).itemsize <= 4
+    for s in range(0, out.shape[0], chunk):
+        block = x[s:s + chunk]
+        if narrow:
+            b = np.asarray(block, dtype=np.float32)
+            with np.errstate(over="ignore", under="ignore"):
+                norm = np.linalg.norm(b, axis=1, keepdims=True)
+            ok = ((norm >= 1e-18) & (norm <= 1e18))[:, 0]
+            out[s:s + chunk] = b / np.where(ok[:, None], norm, 1)
+            wide = np.flatnonzero(~ok)
+        else:
+            wide = np.arange(len(block))
+        if wide.size:
+            out[s + wide] = _l2_normalize_wide(np.asarray(block)[wide])
+    return out
+
+
+def _l2_normalize_wide(b: np.ndarray) -> np.ndarray:
+    """`l2_normalize` in float64 after dividing each row by its largest magnitude (any finite floats)."""
+    b = np.array(b, dtype=np.float64)
+    scale = np.abs(b).max(axis=1, keepdims=True) if b.shape[1] else np.ones((len(b), 1))
+    b /= np.where(scale > 0, scale, 1.0)
+    norm = np.sqrt(np.einsum("ij,ij->i", b, b))[:, None]
+    return (b / np.where(norm > 0, norm, 1.0)).astype(np.float32)
 
 
 def clip_k(K: int, n_db: int, flag: str = "-K") -> int:

@@ -124,3 +124,108 @@ def apply_recipe(name: str, model_cfg: Any, train_cfg: TrainConfig, x: np.ndarra
                        f"codes, not sparse ones; use more rows (at least {ROWS_PER_UNIT * (2 * model_cfg.topk)}), "
                        f"a smaller --topk, or an explicit --hidden-size")
     return model_cfg, train_cfg
+
+
+# ----------------------------------------------------------------------------- variants
+# One syntax for every CSR row of a sweep (--recipes, --ablations) and the panel's candidate (--recipe, --try):
+# `RECIPE[,FIELD=VALUE...]` or `FIELD=VALUE[,FIELD=VALUE...]` (on the flags' recipe), FIELD a field of CSRConfig or
+# TrainConfig. Earlier sweep shorthands are still read, with a one-line pointer to the spelling of today.
+LEGACY_VARIANTS = {"recon=nmse": "recon_loss=nmse", "bpre=geometric_median": "bpre_init=geometric_median",
+                   "untied": "tied=False", "resample": "resample_every=14,resample_until=0.9",
+                   "k_anneal=64": "k_start=64,k_anneal_fraction=0.7"}
+POSITIVE_FIELDS = {"input_dim", "hidden_size", "topk", "dead_threshold", "batch_size", "epochs"}  # counts: >= 1
+SHARE_FIELDS = {"k_anneal_fraction", "resample_until"}  # shares of the steps: at most 1
+
+
+def canonical_variant(spec: str, flag: str = "--ablations") -> str:
+    """`spec` spelled as today: an earlier shorthand or recipe name is rewritten, with a one-line pointer."""
+    new = LEGACY_VARIANTS.get(spec, spec)
+    head, sep, rest = new.partition(",")
+    new = RENAMED.get(head, head) + sep + rest
+    if new != spec:
+        warn(f"{flag} {spec} is now written {new} (same variant)")
+    return new
+
+
+def split_variant(spec: str, flag: str) -> tuple[str, list[str]]:
+    """(recipe name, FIELD=VALUE changes) of variant `spec`; the recipe is "paper" (the flags) when not named."""
+    parts = [p.strip() for p in spec.split(",")]
+    if not spec or any(not p for p in parts):
+        raise CSRError(f"{flag} {spec!r}: expected RECIPE[,FIELD=VALUE...] or FIELD=VALUE[,FIELD=VALUE...]")
+    recipe = "paper"
+    if "=" not in parts[0]:
+        if parts[0] not in RECIPES and parts[0] not in RENAMED:
+            raise CSRError(f"{flag} {spec}: {parts[0]!r} is neither a recipe ({', '.join(RECIPE_CHOICES)}) nor "
+                           f"FIELD=VALUE")
+        recipe = resolve_recipe(parts.pop(0))
+    return recipe, parts
+
+
+def _field_value(change: str, raw: str, cur: Any, flag: str) -> Any:
+    """`raw` parsed strictly as the type of the field's current value `cur` (a bool: true/false/1/0/...)."""
+    import argparse
+    import math
+
+    from csr.cli import fraction, str2bool
+    kind = type(cur).__name__
+    try:
+        if isinstance(cur, bool):
+            return str2bool(raw)
+        if isinstance(cur, int):
+            return int(raw)
+        if isinstance(cur, float):
+            val = fraction(raw)
+            if not math.isfinite(val):
+                raise ValueError(raw)
+            return val
+        return type(cur)(raw)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise CSRError(f"{flag} {change}: {raw!r} is not a {'finite ' if kind == 'float' else ''}{kind}"
+                       + (" (true/false/1/0)" if kind == "bool" else "")) from None
+
+
+def parse_changes(changes: list[str], model_cfg: Any, train_cfg: Any, flag: str = "--try") -> tuple[dict, dict]:
+    """FIELD=VALUE changes as (model config changes, train config changes), typed like the fields and checked by
+    the configs themselves (a value they refuse is a one-line error naming `flag`)."""
+    from dataclasses import fields
+    mf = {f.name for f in fields(model_cfg)}
+    tf = {f.name for f in fields(train_cfg)}
+    mch: dict[str, Any] = {}
+    tch: dict[str, Any] = {}
+    for c in changes:
+        key, sep, raw = c.partition("=")
+        if not sep or (key not in mf and key not in tf):
+            raise CSRError(f"{flag} {c}: expected FIELD=VALUE with a field of CSRConfig or TrainConfig")
+        val = _field_value(c, raw, getattr(model_cfg, key) if key in mf else getattr(train_cfg, key), flag)
+        low = 1 if key in POSITIVE_FIELDS else 0
+        if isinstance(val, (int, float)) and not isinstance(val, bool) and key != "seed" and val < low:
+            raise CSRError(f"{flag} {c}: {key} must be >= {low}, got {raw}")
+        if key in SHARE_FIELDS and val > 1:
+            raise CSRError(f"{flag} {c}: {key} must be in [0, 1], got {raw}")
+        (mch if key in mf else tch)[key] = val
+        try:
+            replace(train_cfg, **tch)
+        except (ValueError, CSRError) as e:
+            raise CSRError(f"{flag} {c}: {e}") from None
+    return mch, tch
+
+
+def variant_configs(spec: str, model_cfg: Any, train_cfg: TrainConfig, x: np.ndarray | None = None,
+                    hidden_fixed: bool = False, flag: str = "--ablations") -> tuple[Any, TrainConfig]:
+    """(model config, train config) of variant `spec` on top of the flags' configs for training rows `x`: its
+    recipe applied first (sizing the model from the rows and k), then its FIELD=VALUE changes."""
+    recipe, changes = split_variant(spec, flag)
+    mch, tch = parse_changes(changes, model_cfg, train_cfg, flag)
+    mcfg, tcfg = apply_recipe(recipe, model_cfg, train_cfg, x, hidden_fixed or "hidden_size" in mch)
+    try:
+        return replace(mcfg, **mch), replace(tcfg, **tch)
+    except (ValueError, CSRError) as e:
+        raise CSRError(f"{flag} {spec}: {e} (at k={mcfg.topk}, d={mcfg.input_dim})") from None
+
+
+def variant_row(spec: str) -> str:
+    """The result row of CSR variant `spec` (as canonical_variant spells it) in a sweep table (csr_rec for
+    `recommended`, ...)."""
+    if spec in RECIPE_ROWS:
+        return RECIPE_ROWS[spec]
+    return "csr_" + "".join(ch if ch.isalnum() or ch in "._+" else "-" for ch in spec)

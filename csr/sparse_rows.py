@@ -11,7 +11,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from csr.codes import SparseCodes
+from csr.codes import SparseCodes, float32_values
 
 
 @njit(cache=True, nogil=True)
@@ -32,17 +32,23 @@ def _canonical_row(idx, val, stamp, pos, tag, out_idx, out_val) -> int:
             out_val[m] = v
             m += 1
     n = 0
-    ss = np.float32(0.0)
+    ss = 0.0  # float64: squares of float32 values neither overflow nor underflow there
     for j in range(m):
         v = out_val[j]
         if v != 0:
             out_idx[n] = out_idx[j]
             out_val[n] = v
-            ss += v * v
+            ss += np.float64(v) * np.float64(v)
             n += 1
-    norm = max(np.float32(math.sqrt(ss)), np.float32(1e-12))
-    for j in range(n):
-        out_val[j] = out_val[j] / norm
+    if n:
+        inv = 1.0 / math.sqrt(ss)
+        if 1e-30 < inv < 1e30:  # the usual rows: float32 arithmetic vectorises wider
+            inv32 = np.float32(inv)
+            for j in range(n):
+                out_val[j] = out_val[j] * inv32
+        else:
+            for j in range(n):
+                out_val[j] = np.float32(np.float64(out_val[j]) * inv)
     return n
 
 
@@ -64,8 +70,8 @@ def _canonical(indices, values, hidden, nchunks):
 def normalized_rows(codes: SparseCodes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Canonical rows: `idx [N,k] int32`, `val [N,k] float32` (first `len[i]` entries valid, L2-normalised,
     duplicates summed, zeros dropped) and `len [N] int64`."""
-    values = codes.values if codes.values.dtype == np.float32 else codes.values.astype(np.float32)
-    return _canonical(codes.indices, values, codes.hidden_size, max(1, numba.get_num_threads() * 4))
+    return _canonical(codes.indices, float32_values(codes.values), codes.hidden_size,
+                      max(1, numba.get_num_threads() * 4))
 
 
 def normalized_csr(codes: SparseCodes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import textwrap
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +25,8 @@ from csr.knn import search
 from csr.metrics import markdown_table, retrieval_metrics
 from csr.model import CSR, CSRConfig
 from csr.provenance import code_digest, digest
-from csr.text_eval import View, v_measure
+from csr.recipes import variant_configs, variant_row
+from csr.text_eval import View, knn_accuracy, v_measure
 from csr.train import AMP_DEVICE_TYPES, TrainConfig, TrainData, train
 
 METHOD_NAMES = {"full": "full-dim", "trunc": "truncation", "pca": "PCA", "mrl": "MRL adaptor (labels)",
@@ -36,13 +37,14 @@ STYLES = {"csr": "o-", "csr_rec": "P-", "csr_rec_label": "P--", "csr_rec_v1": "D
 
 
 def evaluate(db, queries, db_labels: np.ndarray, q_labels: np.ndarray, K: int = 10,
-             clustering: bool = False) -> dict[str, float]:
-    """Exact cosine kNN (sparse engine for codes, FAISS for dense) -> top-1 and mAP@K, in %; with `clustering`
-    also the text protocol's V-measure of k-means on the query rows (csr.text_eval.v_measure)."""
+             text: bool = False) -> dict[str, float]:
+    """Exact cosine kNN (sparse engine for codes, FAISS for dense) -> 1-NN top-1 and mAP@K, in %; with `text` also
+    the text protocol's kNN-K classification accuracy and V-measure of k-means on the query rows (csr.text_eval)."""
     idx, _ = search(queries, db, K, backend="sparse" if isinstance(db, SparseCodes) else "faiss", progress=False)
     m = retrieval_metrics(idx, db_labels, q_labels, (K,))
     out = {"top1": m["top1"], f"mAP@{K}": m[f"mAP@{K}"]}
-    if clustering:
+    if text:
+        out[f"knn{K}_acc"] = knn_accuracy(idx, db_labels, q_labels, K)
         out["v_measure"] = v_measure(View("x", 0, db, queries).features("b"), q_labels)
     return out
 
@@ -81,9 +83,9 @@ class Sweep:
     """
 
     def __init__(self, out: str | Path, xtr, ytr, xte, yte, force: bool = False, progress: bool = True,
-                 data_id: Any = None, rt: Runtime | None = None, clustering: bool = False):
+                 data_id: Any = None, rt: Runtime | None = None, text: bool = False):
         self.out = Path(out)
-        self.clustering = clustering  # also V-measure (text sets of the recipe panel)
+        self.text = text  # also kNN-10 accuracy and V-measure (text data)
         self.parts = self.out / "parts"
         self.xtr, self.ytr, self.xte, self.yte = xtr, ytr, xte, yte
         self.force, self.progress = force, progress
@@ -98,10 +100,10 @@ class Sweep:
     def inputs(self, **config: Any) -> dict[str, Any]:
         """What a part depends on, besides its own configuration."""
         return {"data": self.data_id, "code": code_digest(), **config,
-                **({"clustering": True} if self.clustering else {})}
+                **({"text_metrics": True} if self.text else {})}
 
     def evaluate(self, db, queries) -> dict[str, float]:
-        return evaluate(db, queries, self.ytr, self.yte, clustering=self.clustering)
+        return evaluate(db, queries, self.ytr, self.yte, text=self.text)
 
     def _decide(self, key: str, digest_now: str) -> tuple[bool, dict | None]:
         """(reuse?, the cached part or, if none matches, the latest other version of `key`) as rank 0 sees it;
@@ -237,60 +239,160 @@ class Sweep:
                     "model_config": model.cfg.to_dict(), "train_config": asdict(train_cfg)}
         return self.part(key, {**model_inputs, "eval_k": ek}, run, all_ranks=True)
 
+    def cell(self, row: str, k: int, model_cfg: CSRConfig, train_cfg: TrainConfig, mrl_cfg: MRLConfig,
+             hidden_fixed: bool = False) -> dict:
+        """The result of one (row, k) cell: a baseline by name (full, trunc, pca, mrl, mrl_unsup), `csr` (the flags'
+        configs) or a CSR variant (`recommended`, `cl=none`, `recommended,encoder_init=pca`: csr.recipes' syntax)."""
+        if row == "full":
+            return self.full()
+        if row == "trunc":
+            return self.trunc(k)
+        if row == "pca":
+            return self.pca(k)
+        if row in ("mrl", "mrl_unsup"):
+            return self.mrl(k, mrl_cfg, supervised=row == "mrl")
+        if row == "csr":
+            return self.csr(k, model_cfg, train_cfg)
+        mcfg, tcfg = variant_configs(row, replace(model_cfg, topk=k), train_cfg, self.xtr, hidden_fixed)
+        key = variant_row(row)
+        return {**self.csr(k, mcfg, tcfg, tag=f"{key}_k{k}"), "row": key, "spec": row}
+
     def summary(self) -> str:
         return (f"reused {len(self.reused)} cached parts" + (f" ({', '.join(self.reused)})" if self.reused else "")
                 + f"; computed {len(self.computed)}" + (f" ({', '.join(self.computed)})" if self.computed else ""))
 
 
+@dataclass
+class Plan:
+    """What a sweep runs: `methods` at every k (baselines, `csr` = the flags' recipe, `csr_one` = one model trained at
+    `one_model_k` and encoded at every k), CSR `variants` at every k, and one-change `ablations` at `ablation_k`
+    (variants in csr.recipes' syntax; a variant whose configs equal a row's at that k reuses the row's model)."""
+    ks: list[int]
+    methods: list[str]
+    variants: list[str] = field(default_factory=list)
+    ablation_k: int = 0
+    ablations: list[str] = field(default_factory=list)
+    one_model_k: int = 0
+    mrl: MRLConfig = field(default_factory=MRLConfig)
+    hidden_fixed: bool = False
+
+    def check(self, model_cfg: CSRConfig, train_cfg: TrainConfig, x: np.ndarray) -> None:
+        """Every variant's configs are valid at every k where it runs (a bad spec fails before any part runs)."""
+        for v in self.variants:
+            for k in self.ks:
+                variant_configs(v, replace(model_cfg, topk=k), train_cfg, x, self.hidden_fixed, "--recipes")
+        for v in self.ablations if self.ablation_k else []:
+            variant_configs(v, replace(model_cfg, topk=self.ablation_k), train_cfg, x, self.hidden_fixed)
+
+
+def run_plan(sw: Sweep, plan: Plan, model_cfg: CSRConfig, train_cfg: TrainConfig) -> tuple[list, list, dict]:
+    """(parts, ablation parts, compute seconds per stage as each part recorded it) of every cell of `plan`, in order
+    (under DDP all ranks step through it together)."""
+    parts: list[dict] = []
+    ablation: list[dict] = []
+    seconds: dict[str, float] = {}
+
+    def timed(stage: str, r: dict) -> dict:
+        seconds[stage] = seconds.get(stage, 0.0) + float(r.get("seconds", 0.0))
+        return r
+
+    def cell(row: str, k: int) -> dict:
+        return sw.cell(row, k, model_cfg, train_cfg, plan.mrl, plan.hidden_fixed)
+
+    if "full" in plan.methods:
+        parts.append(timed("full", cell("full", 0)))
+    for k in plan.ks:
+        for m in ("trunc", "pca", "mrl", "mrl_unsup", "csr"):
+            if m in plan.methods:
+                parts.append(timed(m, cell(m, k)))
+        for v in plan.variants:
+            parts.append(timed("csr", cell(v, k)))
+        if "csr_one" in plan.methods and plan.one_model_k:
+            r = sw.csr(plan.one_model_k, model_cfg, train_cfg, eval_k=k)
+            parts.append(timed("csr_one", {**r, "row": "csr_one"}))
+    if plan.ablation_k:
+        k = plan.ablation_k
+        at_k = replace(model_cfg, topk=k)  # a recipe may size the model by k
+        trained = [((at_k, train_cfg), f"csr_k{k}")] + [
+            (variant_configs(v, at_k, train_cfg, sw.xtr, plan.hidden_fixed), f"{variant_row(v)}_k{k}")
+            for v in plan.variants]
+        for v in plan.ablations:
+            mcfg, tcfg = variant_configs(v, at_k, train_cfg, sw.xtr, plan.hidden_fixed)
+            tag = f"ablation_k{k}_" + variant_row(v).removeprefix("csr_")
+            tag = next((row_tag for configs, row_tag in trained if configs == (mcfg, tcfg)), tag)
+            ablation.append({**timed("ablation", sw.csr(k, mcfg, tcfg, tag=tag)), "variant": v})
+    return parts, ablation, seconds
+
+
 # ---------------------------------------------------------------------- reporting
 
+METRICS = {"top1": "1-NN top-1 accuracy (%)", "knn10_acc": "kNN-10 classification accuracy (%)",
+           "v_measure": "V-measure of k-means on the queries (%)"}  # the last two: text data
+
+
+def row_order(parts: list[dict]) -> list[str]:
+    """Rows of a report: the known methods in STYLES order, then other CSR variants as they first appear."""
+    present = list(dict.fromkeys(p.get("row", p["method"]) for p in parts if p["method"] != "full"))
+    return [m for m in STYLES if m in present] + [m for m in present if m not in STYLES]
+
+
+def row_name(row: str, parts: list[dict]) -> str:
+    spec = next((p.get("spec") for p in parts if p.get("row") == row and p.get("spec")), None)
+    return METHOD_NAMES.get(row) or f"CSR ({spec or row})"
+
+
 def results_table(parts: list[dict], dims: list[int], header: str) -> str:
-    """Rows = methods, columns = active dims (1-NN top-1 %), plus dead latents of CSR models."""
-    rows = []
+    """One table per metric the parts hold (1-NN top-1; text also kNN-10 accuracy and V-measure): rows = methods,
+    columns = active dimensions; the 1-NN table also gives the dead latents of each CSR row."""
     full = next((p for p in parts if p["method"] == "full"), None)
-    for method in STYLES:
-        by_d = {p["dims"]: p for p in parts if p.get("row", p["method"]) == method}
-        if not by_d:
+    lines = [header]
+    for metric, title in METRICS.items():
+        if not any(metric in p for p in parts):
             continue
-        row = {"method": METHOD_NAMES[method]}
-        for d in dims:
-            row[str(d)] = f"{by_d[d]['top1']:.2f}" if d in by_d else "–"
-        rows.append(row)
-        if method.startswith("csr") and method != "csr_one":
-            rows.append({"method": f"{METHOD_NAMES[method]} dead latents (%)",
-                         **{str(d): f"{100 * by_d[d]['dead_fraction']:.1f}" if d in by_d else "–" for d in dims}})
-    table = markdown_table(rows, ["method"] + [str(d) for d in dims])
-    lines = [header, "", "1-NN top-1 accuracy (%) against active dimensions (k for CSR, d for dense methods)", "",
-             table]
-    if full:
-        lines += ["", f"Full {full['dims']}-d embedding: {full['top1']:.2f} (mAP@10 {full['mAP@10']:.2f})"]
+        rows = []
+        for row in row_order(parts):
+            by_d = {p["dims"]: p for p in parts if p.get("row", p["method"]) == row}
+            rows.append({"method": row_name(row, parts),
+                         **{str(d): f"{by_d[d][metric]:.2f}" if d in by_d else "–" for d in dims}})
+            if metric == "top1" and row.startswith("csr") and row != "csr_one":
+                rows.append({"method": f"{row_name(row, parts)} dead latents (%)",
+                             **{str(d): f"{100 * by_d[d]['dead_fraction']:.1f}" if d in by_d else "–" for d in dims}})
+        lines += ["", f"{title} against active dimensions (k for CSR, d for dense methods)", "",
+                  markdown_table(rows, ["method"] + [str(d) for d in dims])]
+        if full:
+            lines += ["", f"Full {full['dims']}-d embedding: {full[metric]:.2f}"
+                      + (f" (mAP@10 {full['mAP@10']:.2f})" if metric == "top1" else "")]
     return "\n".join(lines) + "\n"
 
 
 def ablation_table(parts: list[dict]) -> str:
     rows = [{"variant": p["variant"], "k": p["dims"], "top-1": p["top1"], "mAP@10": p["mAP@10"],
+             **({"V-measure": p["v_measure"]} if "v_measure" in p else {}),
              "dead (%)": 100 * p["dead_fraction"], "train s": p["train_seconds"]} for p in parts]
     return markdown_table(rows) + "\n"
 
 
 def plot(parts: list[dict], path: str | Path, title: str) -> None:
+    """Each metric the parts hold against active dimensions, one panel per metric (the report's figure)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method, style in STYLES.items():
-        pts = sorted((p["dims"], p["top1"]) for p in parts if p.get("row", p["method"]) == method)
-        if pts:
-            ax.plot(*zip(*pts), style, label=METHOD_NAMES[method])
+    metrics = [m for m in METRICS if any(m in p for p in parts)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.4 * len(metrics), 4.4), squeeze=False)
     full = next((p for p in parts if p["method"] == "full"), None)
-    if full:
-        ax.axhline(full["top1"], color="gray", ls=":", label=f"full {full['dims']}-d")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("active dimensions")
-    ax.set_ylabel("1-NN top-1 accuracy (%)")
-    ax.set_title("\n".join(textwrap.wrap(title, 75)), fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, metric in zip(axes[0], metrics):
+        for row in row_order(parts):
+            pts = sorted((p["dims"], p[metric]) for p in parts if p.get("row", p["method"]) == row)
+            if pts:
+                ax.plot(*zip(*pts), STYLES.get(row, "x-"), label=row_name(row, parts))
+        if full:
+            ax.axhline(full[metric], color="gray", ls=":", label=f"full {full['dims']}-d")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("active dimensions")
+        ax.set_ylabel(METRICS[metric])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("\n".join(textwrap.wrap(title, 75 * len(metrics))), fontsize=9)
     fig.tight_layout()
     tmp = Path(path).with_name(".tmp_" + Path(path).name)
     fig.savefig(tmp, dpi=120)
@@ -302,7 +404,8 @@ def write_report(out: Path, parts: list[dict], ablation: list[dict], dims: list[
                  meta: dict[str, Any]) -> str:
     table = results_table(parts, dims, header)
     if ablation:
-        table += "\nAblation at one k (contrastive term, reconstruction loss scale, dead-latent fixes):\n\n" + ablation_table(ablation)
+        table += (f"\nOne-change variants at k = {ablation[0]['dims']} (each a change to the flags' recipe):\n\n"
+                  + ablation_table(ablation))
     atomic_write_text(out / "table.md", table)
     atomic_write_json(out / "results.json", {**meta, "parts": parts, "ablation": ablation})
     plot(parts, out / "accuracy_vs_dims.png", header)

@@ -28,7 +28,8 @@ from csr.cli import ArgumentParser, add_precision_arg, bool_flag, positive_int, 
 from csr.codes import save_codes  # noqa: E402
 from csr.distributed import pick_device  # noqa: E402
 from csr.encode import dead_fraction, encode_array  # noqa: E402
-from csr.io import CSRError, check_output, labels_path_for, load_embeddings, load_labels, warn  # noqa: E402
+from csr.io import (CSRError, check_output, labels_path_for, load_embeddings, load_labels, same_file,  # noqa: E402
+                    warn)
 
 
 def split_name(emb_path: str) -> str:
@@ -84,11 +85,17 @@ def main(argv=None) -> dict:
         print(f"precision: {model.cfg.precision} (the checkpoint's)")
     if args.topk is None:
         print(f"--topk not given: encoding at the trained k = {k}")
+    if len(inputs) == 2 and split_name(inputs[0]) == split_name(inputs[1]):
+        if not same_file(inputs[0], inputs[1]):  # the query codes would replace the database codes
+            raise CSRError(f"--train_emb_path {inputs[0]} and --eval_emb_path {inputs[1]} would both be written to "
+                           f"{out / (split_name(inputs[0]) + '_codes.npz')}; give the files distinct split names")
+        inputs = inputs[:1]  # one file as database and queries: its codes serve both
     embs = []
     for path in inputs:  # validate everything before writing anything
         x = load_embeddings(path)
         check_input_dim(model, x.shape[1], path)
-        target = check_output(out / f"{split_name(path)}_codes.npz", args.overwrite, sidecar=True)
+        target = check_output(out / f"{split_name(path)}_codes.npz", args.overwrite, sidecar=True,
+                              inputs={"--train_emb_path": args.train_emb_path, "--eval_emb_path": args.eval_emb_path})
         embs.append((path, x, load_labels(labels_path_for(path), x.shape[0], required=False), target))
     written = {}
     for path, x, labels, target in embs:

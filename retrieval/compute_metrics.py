@@ -20,12 +20,24 @@ from csr import paths  # noqa: E402
 from csr.cli import ArgumentParser, bool_flag, positive_int, run  # noqa: E402
 from csr.codes import load_codes  # noqa: E402
 from csr.io import (CSRError, atomic_write_json, check_neighbor_ids, check_output, load_labels,  # noqa: E402
-                    load_neighbors, read_sidecar, warn)
+                    load_neighbors, read_sidecar, sidecar_path, warn)
 from csr.metrics import DEFAULT_KS, markdown_table, retrieval_metrics  # noqa: E402
 
 
+def label_source(given: str | None, side: dict, key: str, nn_path: Path) -> str:
+    """The labels file named by the flag (`given`), else by the neighbours' sidecar under `key`."""
+    if given:
+        return given
+    path = side.get(key)
+    if path is None:
+        raise CSRError(f"{nn_path}: no sidecar naming the labels; pass --db_labels and --query_labels")
+    if not isinstance(path, str) or not path:
+        raise CSRError(f"{sidecar_path(nn_path)}: `{key}` must name a labels file, got {path!r}")
+    return path
+
+
 def labels_from(path: str) -> np.ndarray:
-    """Labels from a labels .npy, or from the `labels` array stored in a codes .npz."""
+    """Labels from a labels .npy, or from the `labels` array stored in a codes .npz (validated on load)."""
     if path.endswith(".npz"):
         labels = load_codes(path).labels
         if labels is None:
@@ -55,11 +67,12 @@ def main(argv=None) -> dict:
         raise CSRError("give --neighbors (or --topk k: the neighbours of faiss_nn.py --topk k at the default place)")
     nn_path = Path(args.neighbors) if args.neighbors else paths.neighbours_file(args.topk)
     neighbors = load_neighbors(nn_path)
-    out = check_output(Path(args.out) if args.out else nn_path.with_name(nn_path.stem + "_metrics.json"), args.overwrite)
     side = read_sidecar(nn_path)
-    db_lab, q_lab = args.db_labels or side.get("database_labels"), args.query_labels or side.get("query_labels")
-    if not db_lab or not q_lab:
-        raise CSRError(f"{nn_path}: no sidecar naming the labels; pass --db_labels and --query_labels")
+    db_lab = label_source(args.db_labels, side, "database_labels", nn_path)
+    q_lab = label_source(args.query_labels, side, "query_labels", nn_path)
+    out = check_output(Path(args.out) if args.out else nn_path.with_name(nn_path.stem + "_metrics.json"),
+                       args.overwrite, inputs={"--neighbors": nn_path, "--db_labels": db_lab,
+                                               "--query_labels": q_lab})
     K = neighbors.shape[1]
     if args.ks is None:
         ks = [k for k in DEFAULT_KS if k <= K]
@@ -71,7 +84,10 @@ def main(argv=None) -> dict:
         ks = args.ks
     db_labels = labels_from(db_lab)
     check_neighbor_ids(neighbors, nn_path, len(db_labels), db_lab)
-    metrics = retrieval_metrics(neighbors, db_labels, labels_from(q_lab), tuple(ks))
+    q_labels = labels_from(q_lab)
+    if len(q_labels) != len(neighbors):
+        raise CSRError(f"{q_lab}: {len(q_labels)} query labels but {nn_path} has {len(neighbors)} queries")
+    metrics = retrieval_metrics(neighbors, db_labels, q_labels, tuple(ks))
     atomic_write_json(out, {"neighbors": str(nn_path), "n_queries": len(neighbors), "metrics": metrics})
     print(markdown_table([{"metric": k, "value": v} for k, v in metrics.items()]))
     print(f"wrote {out}")

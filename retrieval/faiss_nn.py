@@ -37,7 +37,7 @@ from csr import distributed, paths  # noqa: E402
 from csr.cli import ArgumentParser, bool_flag, positive_int, run  # noqa: E402
 from csr.codes import SparseCodes, load_codes  # noqa: E402
 from csr.io import (CSRError, atomic_save_npy, check_dims, check_output, check_same_width,  # noqa: E402
-                    labels_path_for, load_embeddings, write_sidecar)
+                    labels_path_for, load_embeddings, same_file, write_sidecar)
 from csr.knn import BACKENDS, clip_k, distributed_search, search  # noqa: E402
 
 
@@ -98,9 +98,11 @@ def default_paths(args: argparse.Namespace) -> None:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     default_paths(args)
-    out = check_output(args.out, args.overwrite, also=[scores_path(Path(args.out))], sidecar=True)
+    out = check_output(args.out, args.overwrite, also=[scores_path(Path(args.out))], sidecar=True,
+                       inputs={"--database": args.database, "--queries": args.queries})
     db, db_labels = load_side(args.database, args.dims)
-    q, q_labels = load_side(args.queries, args.dims)
+    same = same_file(args.database, args.queries)  # searched against itself: read (and warned about) once
+    q, q_labels = (db, db_labels) if same else load_side(args.queries, args.dims)
     if isinstance(db, SparseCodes) != isinstance(q, SparseCodes):
         raise CSRError(f"--database {args.database} and --queries {args.queries} must both be codes (.npz) or "
                        f"both be embeddings (.npy)")

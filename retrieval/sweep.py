@@ -11,13 +11,15 @@ CUDA is present, --device/--gpu/--amp as in main_visual.py), on one GPU or sever
         --eval-emb embeddings/imagenet_resnet50d/val_emb.npy --name in1k_resnet50d --hidden-size 8192 --use_ddp True
 
 For each k in --ks it trains one CSR model (as the paper does) and evaluates exact 1-NN top-1 and mAP@10 with
-the sparse engine; every baseline runs at the same dims: truncation, PCA (fit on train), the MRL adaptor
-(Matryoshka loss on the frozen embeddings: `mrl` with labels, as MRL is trained; `mrl_unsup` without, the
-like-for-like match of CSR's default unsupervised recipe) and the full embedding. The main CSR row uses the
-flags (the paper's recipe by default); --recipes adds a row per named recipe at every k (default: recommended
-and recommended+labels). `--ablation-k` adds CSR variants at one k, each one change to the flags' recipe
-(`--ablations` picks some): contrastive term none/self/label, recon=nmse, bpre=geometric_median, untied,
-encoder_init=data, resample, k_anneal=64, and the recipes (a variant equal to a row already trained reuses it).
+the sparse engine (text embeddings, --text: also kNN-10 accuracy and V-measure); every baseline runs at the same
+dims: truncation, PCA (fit on train), the MRL adaptor (Matryoshka loss on the frozen embeddings: `mrl` with labels,
+as MRL is trained; `mrl_unsup` without, the like-for-like match of CSR's label-free recipes) and the full embedding.
+The main CSR row uses the flags (the paper's recipe by default); --recipes adds a CSR row per variant at every k
+(default: recommended and recommended+labels). `--ablation-k` adds one-change variants at one k (`--ablations`
+picks them; default: each contrastive term, recon_loss=nmse, bpre_init=geometric_median, tied=False,
+encoder_init=data, dead-unit resampling, k annealing, and the named recipes; a variant equal to a row already
+trained reuses it). A variant is `RECIPE[,FIELD=VALUE...]` or `FIELD=VALUE[,FIELD=VALUE...]` with fields of
+CSRConfig / TrainConfig, the syntax of bench/recipe_val.py's candidate too.
 Writes results/<name>/{table.md, results.json, accuracy_vs_dims.png}, models under results/<name>/models and
 one JSON per finished part under results/<name>/parts. A re-run reuses a part only when the digest of all it
 depends on matches (data files' path/size/mtime/shape and a hash of a fixed sample of their bytes, method and
@@ -31,7 +33,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,22 +42,13 @@ from csr.cli import ArgumentParser, add_train_args, bool_flag, configs_from_args
 from csr.io import (CSRError, check_dims, check_output, check_same_width, labels_path_for,  # noqa: E402
                     load_embeddings, load_labels, read_sidecar)
 from csr.provenance import file_identity  # noqa: E402
-from csr.recipes import RECIPE_CHOICES, RECIPE_ROWS, RESAMPLE, apply_recipe, resolve_recipe  # noqa: E402
-from csr.sweep import Sweep, write_report  # noqa: E402
+from csr.recipes import RECIPE_ROWS, canonical_variant  # noqa: E402
+from csr.sweep import Plan, Sweep, run_plan, write_report  # noqa: E402
 
-# variant -> (model config changes, training config changes) or a recipe name, applied to the flags at --ablation-k
-ABLATIONS = {
-    "cl=none": ({}, dict(cl="none")),
-    "cl=self": ({}, dict(cl="self")),
-    "cl=label": ({}, dict(cl="label")),
-    "recon=nmse": ({}, dict(recon_loss="nmse")),
-    "bpre=geometric_median": ({}, dict(bpre_init="geometric_median")),
-    "untied": (dict(tied=False), {}),
-    "encoder_init=data": ({}, dict(encoder_init="data")),
-    "resample": ({}, RESAMPLE),
-    "k_anneal=64": ({}, dict(k_start=64, k_anneal_fraction=0.7)),
-    **{r: r for r in RECIPE_ROWS},
-}
+# one-change variants at --ablation-k (csr.recipes' syntax: RECIPE[,FIELD=VALUE...] or FIELD=VALUE[,...])
+ABLATIONS = ["cl=none", "cl=self", "cl=label", "recon_loss=nmse", "bpre_init=geometric_median", "tied=False",
+             "encoder_init=data", "resample_every=14,resample_until=0.9", "k_start=64,k_anneal_fraction=0.7",
+             *RECIPE_ROWS]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,15 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["csr", "csr_one", "mrl", "mrl_unsup", "pca", "trunc", "full"], help="methods to run")
     s.add_argument("--one-model-k", type=nonneg_int, default=0,
                    help="with method csr_one: train ONE CSR at this k and evaluate it at every k in --ks")
-    s.add_argument("--recipes", nargs="*", default=["recommended", "recommended+labels"],
-                   choices=[r for r in RECIPE_CHOICES if r != "paper"],
-                   help="extra CSR rows at every k, each a named recipe applied on top of the flags (default: "
-                        "recommended and recommended+labels; none: `--recipes` alone). The main CSR row is the flags' recipe: the paper's by default")
+    s.add_argument("--recipes", nargs="*", default=["recommended", "recommended+labels"], metavar="VARIANT",
+                   help="extra CSR rows at every k, each a variant on top of the flags: a named recipe (default: "
+                        "recommended and recommended+labels; none: `--recipes` alone) or RECIPE,FIELD=VALUE / "
+                        "FIELD=VALUE. The main CSR row is the flags' recipe: the paper's by default")
     s.add_argument("--ablation-k", type=nonneg_int, default=32, help="k of the ablation (0 = no ablation)")
-    s.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS), metavar="VARIANT",
-                   help="ablation variants (default: all): " + "; ".join(ABLATIONS))
+    s.add_argument("--ablations", nargs="+", default=ABLATIONS, metavar="VARIANT",
+                   help="one-change variants at --ablation-k (default: " + " ".join(ABLATIONS) + ")")
     s.add_argument("--mrl-epochs", type=positive_int, default=20, help="MRL adaptor epochs")
     s.add_argument("--mrl-heads", default="separate", choices=["separate", "shared"], help="MRL (separate) or MRL-E")
+    bool_flag(s, "--text", default=False, help="text embeddings: also kNN-10 accuracy and V-measure")
     bool_flag(s, "--force", default=False, help="recompute finished parts")
     add_train_args(p)
     return p
@@ -90,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> str:
     args = build_parser().parse_args(argv)
-    args.recipes = list(dict.fromkeys(resolve_recipe(r) for r in args.recipes))
+    args.recipes = list(dict.fromkeys(canonical_variant(r, "--recipes") for r in args.recipes))
+    args.ablations = list(dict.fromkeys(canonical_variant(v, "--ablations") for v in args.ablations))
     t_start = time.time()
     xtr, xte = load_embeddings(args.train_emb), load_embeddings(args.eval_emb)
     check_same_width(xtr, xte, args.train_emb, args.eval_emb)
@@ -113,14 +107,18 @@ def main(argv=None) -> str:
     for flag, k in (("--ks", max(args.ks)), ("--ablation-k", args.ablation_k), ("--one-model-k", args.one_model_k)):
         if k > model_cfg.hidden_size:
             raise CSRError(f"{flag} {k} is larger than --hidden-size {model_cfg.hidden_size}")
+    plan = Plan(ks=args.ks, methods=args.methods, variants=args.recipes, ablation_k=args.ablation_k,
+                ablations=args.ablations, one_model_k=args.one_model_k, hidden_fixed=args.hidden_size is not None,
+                mrl=MRLConfig(epochs=args.mrl_epochs, heads=args.mrl_heads, seed=args.seed))
+    plan.check(model_cfg, train_cfg, xtr)
     rt = distributed.setup(args.use_ddp, args.device, args.gpu)
     try:
-        return run_sweep(args, rt, xtr, ytr, xte, yte, name, out, meta, header, model_cfg, train_cfg, t_start)
+        return run_sweep(args, rt, plan, xtr, ytr, xte, yte, name, out, meta, header, model_cfg, train_cfg, t_start)
     finally:
         distributed.cleanup()
 
 
-def run_sweep(args, rt, xtr, ytr, xte, yte, name, out, meta, header, model_cfg, train_cfg, t_start) -> str:
+def run_sweep(args, rt, plan, xtr, ytr, xte, yte, name, out, meta, header, model_cfg, train_cfg, t_start) -> str:
     """Every part in order (all ranks step through it together under DDP); rank 0 writes the report."""
     data_id = {f: file_identity(p) for f, p in (("train_emb", args.train_emb), ("eval_emb", args.eval_emb),
                                                 ("train_labels", labels_path_for(args.train_emb)),
@@ -128,56 +126,8 @@ def run_sweep(args, rt, xtr, ytr, xte, yte, name, out, meta, header, model_cfg, 
     if rt.is_main:
         print(f"sweep {name}: ks {args.ks}, methods {args.methods}\n  CSR {model_cfg}\n  {train_cfg}\n"
               f"  runtime: device {rt.device}, world size {rt.world_size}, amp {train_cfg.amp}, precision {model_cfg.precision}")
-    sw = Sweep(out, xtr, ytr, xte, yte, force=args.force, data_id=data_id, rt=rt, progress=rt.is_main)
-    parts, stage_seconds = [], {}
-
-    def timed(stage, fn):  # compute time of each stage as recorded by its parts (also when read from the cache)
-        r = fn()
-        stage_seconds[stage] = stage_seconds.get(stage, 0.0) + float(r.get("seconds", 0.0))
-        return r
-
-    if "full" in args.methods:
-        parts.append(timed("full", sw.full))
-    mrl_cfg = MRLConfig(epochs=args.mrl_epochs, heads=args.mrl_heads, seed=args.seed)
-    for k in args.ks:
-        if "trunc" in args.methods:
-            parts.append(timed("trunc", lambda: sw.trunc(k)))
-        if "pca" in args.methods:
-            parts.append(timed("pca", lambda: sw.pca(k)))
-        if "mrl" in args.methods:
-            parts.append(timed("mrl", lambda: sw.mrl(k, mrl_cfg, supervised=True)))
-        if "mrl_unsup" in args.methods:
-            parts.append(timed("mrl_unsup", lambda: sw.mrl(k, mrl_cfg, supervised=False)))
-        if "csr" in args.methods:
-            parts.append(timed("csr", lambda: sw.csr(k, model_cfg, train_cfg)))
-        for recipe in args.recipes:
-            # at this k: a recipe may size the model from the rows and k
-            mcfg, tcfg = apply_recipe(recipe, replace(model_cfg, topk=k), train_cfg, xtr, args.hidden_size is not None)
-            r = timed("csr", lambda: sw.csr(k, mcfg, tcfg, tag=f"{RECIPE_ROWS[recipe]}_k{k}"))
-            parts.append({**r, "row": RECIPE_ROWS[recipe]})
-        if "csr_one" in args.methods and args.one_model_k:
-            r = timed("csr_one", lambda: sw.csr(args.one_model_k, model_cfg, train_cfg, eval_k=k))
-            parts.append({**r, "row": "csr_one"})
-    ablation = []
-    trained_at_ablation_k = [((model_cfg, train_cfg), f"csr_k{args.ablation_k}")]
-    at_ablation_k = replace(model_cfg, topk=args.ablation_k or model_cfg.topk)  # a recipe may size the model by k
-    trained_at_ablation_k += [(apply_recipe(r, at_ablation_k, train_cfg, xtr, args.hidden_size is not None),
-                               f"{RECIPE_ROWS[r]}_k{args.ablation_k}")
-                              for r in args.recipes]
-    if args.ablation_k:
-        for variant in args.ablations:
-            if isinstance(ABLATIONS[variant], str):
-                mcfg, tcfg = apply_recipe(ABLATIONS[variant], at_ablation_k, train_cfg, xtr, args.hidden_size is not None)
-                mchange, tchange = {}, {"recipe": ABLATIONS[variant]}
-            else:
-                mchange, tchange = ABLATIONS[variant]
-                mcfg, tcfg = replace(model_cfg, **mchange), replace(train_cfg, **tchange)
-            tag = f"ablation_k{args.ablation_k}_" + "_".join(f"{a}-{b}" for a, b in {**mchange, **tchange}.items())
-            for configs, row_tag in trained_at_ablation_k:  # a row at this k trained this variant: reuse it
-                if configs == (mcfg, tcfg):
-                    tag = row_tag
-            r = timed("ablation", lambda: sw.csr(args.ablation_k, mcfg, tcfg, tag=tag))
-            ablation.append({**r, "variant": variant})
+    sw = Sweep(out, xtr, ytr, xte, yte, force=args.force, data_id=data_id, rt=rt, progress=rt.is_main, text=args.text)
+    parts, ablation, stage_seconds = run_plan(sw, plan, model_cfg, train_cfg)
     if not rt.is_main:
         return ""
     meta_out = {"name": name, "train_emb": args.train_emb, "eval_emb": args.eval_emb, "ks": args.ks,
