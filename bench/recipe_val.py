@@ -25,11 +25,9 @@ losses over every (set, k) cell, |gap| <= --tie counted as a tie, and the worst 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +35,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from csr.baselines import MRLConfig  # noqa: E402
-from csr.cli import (ArgumentParser, add_train_args, configs_from_args, nonneg_float, positive_int,  # noqa: E402
-                     run, str2bool)
-from csr.cli import fraction as parse_fraction  # noqa: E402
+from csr.cli import ArgumentParser, add_train_args, configs_from_args, nonneg_float, positive_int, run  # noqa: E402
 from csr.io import CSRError, atomic_write_json, atomic_write_text, load_embeddings, load_labels  # noqa: E402
 from csr.metrics import markdown_table  # noqa: E402
+from csr.recipes import canonical_variant, parse_changes, variant_configs  # noqa: E402
 from csr.sweep import Sweep, array_identity  # noqa: E402
 
 # name: (folder, rows to draw (0 = all), text set?)
@@ -112,68 +109,15 @@ def n_folds(rows: int, fraction: float, min_queries: int) -> int:
     return max(1, min(-(-min_queries // nq), rows // nq))
 
 
-# --try fields that count something: at least 1 (every other number but the seed: at least 0); shares: at most 1
-POSITIVE_FIELDS = {"input_dim", "hidden_size", "topk", "dead_threshold", "batch_size", "epochs"}
-SHARE_FIELDS = {"k_anneal_fraction", "resample_until"}
+def candidate_spec(args) -> str:
+    """The candidate as a variant (csr.recipes' syntax, as the sweep's --recipes): --recipe plus the --try changes."""
+    return ",".join([args.recipe, *args.changes])
 
 
-def _try_value(change: str, raw: str, cur: Any) -> Any:
-    """`raw` parsed strictly as the type of the field's current value `cur` (a bool: true/false/1/0/...)."""
-    kind = type(cur).__name__
-    try:
-        if isinstance(cur, bool):
-            return str2bool(raw)
-        if isinstance(cur, int):
-            return int(raw)
-        if isinstance(cur, float):
-            val = parse_fraction(raw)
-            if not math.isfinite(val):
-                raise ValueError(raw)
-            return val
-        return type(cur)(raw)
-    except (ValueError, argparse.ArgumentTypeError):
-        raise CSRError(f"--try {change}: {raw!r} is not a {'finite ' if kind == 'float' else ''}{kind}"
-                       + (" (true/false/1/0)" if kind == "bool" else "")) from None
-
-
-def parse_changes(changes: list[str], model_cfg: Any, train_cfg: Any) -> tuple[dict, dict]:
-    """`--try field=value ...` as (model config changes, train config changes), typed like the fields and
-    checked by the configs themselves (a value they refuse is a one-line error naming --try)."""
-    mf = {f.name: f for f in fields(model_cfg)}
-    tf = {f.name: f for f in fields(train_cfg)}
-    mch, tch = {}, {}
-    for c in changes:
-        key, sep, raw = c.partition("=")
-        if not sep or (key not in mf and key not in tf):
-            raise CSRError(f"--try {c}: expected FIELD=VALUE with a field of CSRConfig or TrainConfig")
-        cur = getattr(model_cfg, key) if key in mf else getattr(train_cfg, key)
-        val = _try_value(c, raw, cur)
-        low = 1 if key in POSITIVE_FIELDS else 0
-        if isinstance(val, (int, float)) and not isinstance(val, bool) and key != "seed" and val < low:
-            raise CSRError(f"--try {c}: {key} must be >= {low}, got {raw}")
-        if key in SHARE_FIELDS and val > 1:
-            raise CSRError(f"--try {c}: {key} must be in [0, 1], got {raw}")
-        (mch if key in mf else tch)[key] = val
-        try:
-            replace(train_cfg, **tch)
-        except (ValueError, CSRError) as e:
-            raise CSRError(f"--try {c}: {e}") from None
-    return mch, tch
-
-
-def candidate_configs(args, x: np.ndarray, xdb: np.ndarray, k: int, mchange: dict, tchange: dict) -> tuple[Any, Any]:
-    """The candidate's (model, train) configs at k on database rows `xdb`: the recipe's, with the --try changes."""
-    cand_m, cand_t = configs_from_args(argparse.Namespace(**{**vars(args), "topk": k}), x.shape[1], xdb)
-    try:
-        return replace(cand_m, **mchange), replace(cand_t, **tchange)
-    except (ValueError, CSRError) as e:
-        tried = " ".join(f"{key}={v}" for key, v in {**mchange, **tchange}.items())
-        raise CSRError(f"--try {tried}: {e} (at --ks {k}, d={x.shape[1]})") from None
-
-
-def preflight(sets: list[PanelSet], args, mchange: dict, tchange: dict) -> None:
+def preflight(sets: list[PanelSet], args) -> None:
     """Before any model is trained or cached: every set gives queries and a database at --val-fraction, and the
     candidate's configs are valid at every k (the recipe sizes the model from the rows)."""
+    model_cfg, train_cfg = paper_configs(args, 8)
     for ps in sets:
         x = load_embeddings(ps.folder / "train_emb.npy")
         n = min(ps.rows or len(x), len(x))
@@ -184,7 +128,13 @@ def preflight(sets: list[PanelSet], args, mchange: dict, tchange: dict) -> None:
         y = load_labels(ps.folder / "train_labels.npy", len(x))
         xdb = val_split(x, y, ps.rows, args.val_fraction, args.split_seed, 0)[0]
         for k in args.ks:
-            candidate_configs(args, x, xdb, k, mchange, tchange)
+            variant_configs(candidate_spec(args), replace(model_cfg, input_dim=x.shape[1], topk=k), train_cfg, xdb,
+                            args.hidden_size is not None, "--try")
+
+
+def paper_configs(args, d: int) -> tuple[Any, Any]:
+    """The flags' (model, train) configs without --recipe: the paper row's, on which the candidate is built."""
+    return configs_from_args(argparse.Namespace(**{**vars(args), "recipe": "paper"}), d)
 
 
 def open_fraction(s: str) -> float:
@@ -198,13 +148,13 @@ def open_fraction(s: str) -> float:
     return v
 
 
-def run_set(ps: PanelSet, args, candidate: str, mchange: dict, tchange: dict) -> list[dict]:
+def run_set(ps: PanelSet, args, candidate: str) -> list[dict]:
     """Every (method, k) cell of one panel set, as dicts with set, method, k, top1 (, v_measure, dead)."""
     x = load_embeddings(ps.folder / "train_emb.npy")
     y = load_labels(ps.folder / "train_labels.npy", len(x))
     folds = n_folds(min(ps.rows or len(x), len(x)), args.val_fraction, args.min_queries)
     seeds = args.seeds or [args.seed]
-    per_fold = [fold_cells(ps, x, y, f, argparse.Namespace(**{**vars(args), "seed": s}), candidate, mchange, tchange)
+    per_fold = [fold_cells(ps, x, y, f, argparse.Namespace(**{**vars(args), "seed": s}), candidate)
                 for f in range(folds) for s in seeds]
     cells = []
     for group in zip(*per_fold):  # the same (method, k) cell of every fold and seed: their mean
@@ -218,25 +168,23 @@ def run_set(ps: PanelSet, args, candidate: str, mchange: dict, tchange: dict) ->
     return cells
 
 
-def fold_cells(ps: PanelSet, x: np.ndarray, y: np.ndarray, fold: int, args, candidate: str, mchange: dict,
-               tchange: dict) -> list[dict]:
+def fold_cells(ps: PanelSet, x: np.ndarray, y: np.ndarray, fold: int, args, candidate: str) -> list[dict]:
     """Every (method, k) cell of one fold of one panel set, as dicts with set, method, k, top1 (, v_measure,
     dead)."""
     xdb, ydb, xq, yq = val_split(x, y, ps.rows, args.val_fraction, args.split_seed, fold)
     sw = Sweep(Path(args.runs) / (ps.name if fold == 0 else f"{ps.name}-fold{fold}"), xdb, ydb, xq, yq,
-               progress=False, clustering=ps.text, data_id=array_identity(xdb, ydb, xq, yq))
-    model_cfg, train_cfg = configs_from_args(argparse.Namespace(**{**vars(args), "recipe": "paper"}), x.shape[1])
+               progress=False, text=ps.text, data_id=array_identity(xdb, ydb, xq, yq))
+    model_cfg, train_cfg = paper_configs(args, x.shape[1])
     mrl_cfg = MRLConfig(epochs=args.mrl_epochs, seed=args.seed)
+    spec = candidate_spec(args)
+    at_k = replace(model_cfg, topk=args.ks[0])
+    labels = variant_configs(spec, at_k, train_cfg, xdb, args.hidden_size is not None, "--try")[1].cl == "label"
+    rows = {"full": "full", "pca": "pca", "mrl_unsup": "mrl_unsup", **({"mrl": "mrl"} if labels else {}),
+            "paper": "csr", candidate: spec}  # the MRL adaptor with labels only against a candidate with labels
     cells = []
-    full = sw.full()  # the ceiling a code of k dims is measured against (not a baseline of the summary)
     for k in args.ks:
-        # the candidate's configs per k: a recipe may size the model from the rows and k
-        cand_m, cand_t = candidate_configs(args, x, xdb, k, mchange, tchange)
-        got = {"full": full, "pca": sw.pca(k), "mrl_unsup": sw.mrl(k, mrl_cfg, supervised=False),
-               **({"mrl": sw.mrl(k, mrl_cfg, supervised=True)} if cand_t.cl == "label" else {}),
-               "paper": sw.csr(k, model_cfg, train_cfg, tag=f"paper_k{k}"),
-               candidate: sw.csr(k, cand_m, cand_t, tag=f"cand_k{k}")}
-        for method, r in got.items():
+        for method, row in rows.items():
+            r = sw.cell(row, k, model_cfg, train_cfg, mrl_cfg, args.hidden_size is not None)
             cells.append({"set": ps.name, "method": method, "k": k, "top1": r["top1"], "queries": len(xq),
                           **({"v_measure": r["v_measure"]} if ps.text else {}),
                           **({"dead": 100 * r["dead_fraction"]} if "dead_fraction" in r else {}),
@@ -310,16 +258,17 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     t0 = time.time()
     sets = parse_sets(args.sets, args.text_sets)
-    probe_m, probe_t = configs_from_args(argparse.Namespace(**{**vars(args), "recipe": "paper"}), 8)
-    mchange, tchange = parse_changes(args.changes, probe_m, probe_t)
-    preflight(sets, args, mchange, tchange)
+    args.recipe = canonical_variant(args.recipe, "--recipe")
+    probe_m, probe_t = paper_configs(args, 8)
+    tchange = parse_changes(args.changes, probe_m, probe_t, "--try")[1]
+    preflight(sets, args)
     candidate = args.recipe + "".join(f" {c}" for c in args.changes)
     if args.seeds:
         if "seed" in tchange:
             raise CSRError("--seeds and --try seed=... both set the seed: use one")
         candidate += " seeds=" + ",".join(map(str, args.seeds))
     print(f"panel: {', '.join(s.name for s in sets)}; ks {args.ks}; candidate: {candidate}", flush=True)
-    cells = [c for ps in sets for c in run_set(ps, args, candidate, mchange, tchange)]
+    cells = [c for ps in sets for c in run_set(ps, args, candidate)]
     lines, comps = summary_lines(cells, candidate, args.tie)
     shown = [m for m in ("full", *BASELINES, candidate) if any(c["method"] == m for c in cells)]
     report = "\n".join([f"Panel (validation splits of training rows), candidate `{candidate}`; 1-NN top-1 % "

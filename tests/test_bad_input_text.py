@@ -114,7 +114,7 @@ def cases(f):
         (*rv, "--try", "tied=maybe", "--try tied=maybe: 'maybe' is not a bool (true/false/1/0)"),
         (*rv, "--try", "topk=0", "--try topk=0: topk must be >= 1, got 0"),
         (*rv, "--try", "hidden_size=-5", "--try hidden_size=-5: hidden_size must be >= 1, got -5"),
-        (*rv, "--try", "topk=64", "--try topk=64: topk must be in [1, hidden_size=32], got 64"),
+        (*rv, "--try", "topk=64", "--try recommended,topk=64: topk must be in [1, hidden_size=32], got 64"),
         (*rv, "--try", "lr=fast", "--try lr=fast: 'fast' is not a finite float"),
         (*rv, "--try", "lr=0", "--try lr=0: --lr must be a finite number > 0"),
         (*rv, "--val-fraction", "0", "argument --val-fraction: must be in (0, 1), got '0'"),
