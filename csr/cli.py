@@ -16,6 +16,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from csr.io import CSRError
+from csr.recipes import RECIPE_CHOICES, RECIPE_ROWS  # noqa: F401  (RECIPE_ROWS: the scripts' recipe rows)
 
 
 def str2bool(s: str | bool) -> bool:
@@ -65,6 +66,17 @@ def nonneg_int(s: str) -> int:
     return v
 
 
+SEED_MAX = 2**63 - 2  # torch takes 64-bit seeds, and the resampling generator is seeded with seed + 1
+
+
+def seed_int(s: str) -> int:
+    """A random seed: an integer in [0, SEED_MAX] (numpy refuses negative seeds, torch ones past 64 bits)."""
+    v = _number(s, int)
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63 - 2], got {v}")
+    return v
+
+
 def _float_above(s: str, strict: bool) -> float:
     v = fraction(s)
     if not math.isfinite(v) or v < 0 or (strict and v == 0):
@@ -94,9 +106,6 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         sys.exit(130)
 
 
-# the named recipes (csr.recipes.RECIPES) besides "paper", and the result row each gets in the sweep / text demo
-RECIPE_ROWS = {"recommended": "csr_rec", "recommended+labels": "csr_rec_label", "adaptive": "csr_ada",
-               "adaptive+labels": "csr_ada_label"}
 
 
 def unit_interval(s: str) -> float:
@@ -188,13 +197,12 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
                         "forward calls, 3 per step)")
     bool_flag(m, "--tied", default=True, help="decoder = encoder^T (reference); False: untied unit-norm decoder")
     bool_flag(m, "--normalize", default=False, help="standardise each input (sentence-transformers' option)")
-    m.add_argument("--recipe", default="paper", choices=["paper", *RECIPE_ROWS],
-                   help="paper (default: the paper's recipe) or recommended, which adapts to the training rows: "
-                        "non-negative -> --bpre-init geometric_median --tied False --recon-loss nmse --cl self "
-                        "--resample-every 14 --resample-until 0.9; signed -> --cl none; both: hidden size capped "
-                        "at one unit per 4 rows (csr/recipes.py). adaptive: recommended + --encoder-init data "
-                        "(more than 32·k units) or pca (non-negative: --resample-until 0.5; signed: --bpre-init mean), hidden size from rows and k (signed: at most max(48, 2k)), batch from rows. +labels: --cl "
-                        "label --cl_coef 1. Applied on top of the other flags")
+    m.add_argument("--recipe", default="paper", choices=RECIPE_CHOICES,
+                   help="paper (default: the paper's recipe); recommended: the best recipe without labels, which "
+                        "adapts to the training rows (sign, count) and k; recommended+labels: with same-class "
+                        "positives (--cl label --cl_coef 1); recommended-v1[+labels]: the earlier recommended recipe "
+                        "(adaptive[+labels] is recommended[+labels]'s earlier name). Applied on top of the other "
+                        "flags; what each changes: csr/recipes.py")
     m.add_argument("--encoder-init", "--encoder_init", dest="encoder_init", default="random", choices=["random", "data", "pca"],
                    help="encoder (and untied decoder) rows: random (reference); data = centred, unit-norm training "
                         "rows, so that every unit starts alive; pca = ±principal directions around b_pre, so that "
@@ -203,7 +211,8 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
                    choices=["zeros", "mean", "geometric_median"], help="initial pre-encoder bias b_pre")
     m.add_argument("--k-start", "--k_start", dest="k_start", type=nonneg_int, default=0,
                    help="k annealing (off by default): start training with this many active units, decreasing "
-                        "linearly to --topk over --k-anneal-steps (against dead latents; CSRv2)")
+                        "linearly to --topk over --k-anneal-steps (against dead latents; CSRv2); at most "
+                        "hidden_size/4, and a value not above --topk leaves annealing off (with a warning)")
     m.add_argument("--k-anneal-steps", "--k_anneal_steps", dest="k_anneal_steps", type=nonneg_int, default=0,
                    help="steps of the k annealing (0 = --k-anneal-fraction of all training steps)")
     m.add_argument("--k-anneal-fraction", type=unit_interval, default=0.5,
@@ -251,7 +260,7 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
     c.add_argument("--sim-temperature", type=positive_float, default=0.05,
                    help="temperature of the rank term's neighbour distributions")
     r = p.add_argument_group("runtime")
-    r.add_argument("--seed", type=int, default=1227, help="random seed")
+    r.add_argument("--seed", type=seed_int, default=1227, help="random seed (0 to 2**63 - 2)")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     r.add_argument("--gpu", type=nonneg_int, default=None, help="CUDA device index for a single-process run")
     bool_flag(r, "--use_ddp", "--use-ddp", default=False, help="DistributedDataParallel under torchrun")
@@ -260,7 +269,10 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
     r.add_argument("--resume", type=resume_value, nargs="?", const=True, default=False, metavar="BOOL|latest|PATH",
                    help="continue a killed run from OUT/last.pt (True or latest) or from a checkpoint PATH, or a "
                         "finished one when --epochs asks for more (a finished run has nothing to resume otherwise; "
-                        "default False)")
+                        "default False). It continues with the run's own settings: only --epochs and --max-steps "
+                        "may differ (to train on); another --batch-size, --seed, --lr, ... is refused. With the same "
+                        "flags on the same device type it draws the batches and random numbers the uninterrupted run "
+                        "would have")
     bool_flag(r, "--overwrite", default=False, help="start over in an existing OUT (its csr.pt, last.pt, log.jsonl are replaced)")
     bool_flag(r, "--keep-epochs", default=False, help="keep a checkpoint of every epoch (OUT/epochNNN.pt)")
 
@@ -342,8 +354,9 @@ def train_from_args(args: argparse.Namespace, emb_path: str, out_dir: str, pair_
             raise CSRError(f"{pair_path}: paired embeddings have shape {x_pair.shape}, expected {x.shape}")
     model_cfg, train_cfg = configs_from_args(args, x.shape[1], x)
     rt = distributed.setup(args.use_ddp, args.device, args.gpu)
-    if args.overwrite and not args.resume and rt.is_main:
-        clear_run_dir(out)
+    # --overwrite: the old run goes only when the new one writes its first file (an input that fails at the first
+    # step, e.g. squares that overflow float32, leaves the old run as it was)
+    replace_old = (lambda: clear_run_dir(out)) if args.overwrite and not args.resume and rt.is_main else None
     try:
         model = CSR.seeded(model_cfg, train_cfg.seed)
         if rt.is_main:
@@ -353,7 +366,8 @@ def train_from_args(args: argparse.Namespace, emb_path: str, out_dir: str, pair_
             print(f"runtime: device {rt.device}, world size {rt.world_size}")
         t0 = time.time()
         data = TrainData(x, labels, x_pair, identity=file_identity(emb_path))
-        summary = train(model, data, train_cfg, out, rt, args=vars(args), resume=args.resume)
+        summary = train(model, data, train_cfg, out, rt, args=vars(args), resume=args.resume,
+                        replace_old=replace_old)
         if rt.is_main:
             print(f"done in {time.time() - t0:.1f}s: {summary['steps']} steps, final loss "
                   f"{summary.get('loss_total', float('nan')):.5g}, dead latents {summary.get('dead_fraction', 0):.1%} "

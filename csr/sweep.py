@@ -62,6 +62,15 @@ def array_identity(*arrays: np.ndarray | None) -> str:
     return h.hexdigest()[:16]
 
 
+def files_id(train_emb: str | Path, eval_emb: str | Path) -> dict[str, Any]:
+    """What a sweep's parts depend on in its input files: both embeddings and the labels beside them."""
+    from csr.io import labels_path_for
+    from csr.provenance import file_identity
+    return {f: file_identity(p) for f, p in (("train_emb", train_emb), ("eval_emb", eval_emb),
+                                             ("train_labels", labels_path_for(train_emb)),
+                                             ("eval_labels", labels_path_for(eval_emb)))}
+
+
 def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted names of the leaves that differ between two JSON-like objects."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -398,6 +407,22 @@ def plot(parts: list[dict], path: str | Path, title: str) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+
+
+def sweep_report(sw: Sweep, plan: Plan, model_cfg: CSRConfig, train_cfg: TrainConfig, header: str,
+                 meta: dict[str, Any], t_start: float) -> str:
+    """Run every cell of `plan` and (rank 0) write the report under `sw.out`: table.md, results.json (with `meta`,
+    compute seconds per stage and the wall time since `t_start`) and the plot; returns the table ("" elsewhere)."""
+    parts, ablation, stage_seconds = run_plan(sw, plan, model_cfg, train_cfg)
+    if not sw.rt.is_main:
+        return ""
+    meta = {**meta, "ks": plan.ks, "stage_seconds": stage_seconds, "wall_seconds": time.time() - t_start}
+    table = write_report(sw.out, parts, ablation, plan.ks, header, meta)
+    info("\n" + table)
+    info("stage compute time (s, as each part recorded it): "
+         + ", ".join(f"{k} {v:.0f}" for k, v in stage_seconds.items()))
+    info(sw.summary())
+    return table
 
 
 def write_report(out: Path, parts: list[dict], ablation: list[dict], dims: list[int], header: str,

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from csr import losses as L
-from csr.checkpoint import check_finite_weights, check_resume, read_checkpoint, run_finished, save_checkpoint
+from csr.checkpoint import (check_finite_weights, check_resume, first_line, read_checkpoint, run_finished,
+                            save_checkpoint)
 from csr.distributed import Runtime, all_reduce_, barrier
 from csr.encode import dead_fraction_on_rows
 from csr.io import CSRError, atomic_write_text, info, warn, write_sidecar
@@ -242,15 +243,20 @@ def annealed_k(step: int, k: int, k_start: int, anneal_steps: int) -> int:
 
 
 def warn_k_changes(cfg: TrainConfig, k: int, hidden: int, multi_k: int, say: bool = True) -> None:
-    """One warning line for each silent change of the recipe's k values: k_start clamped to hidden/4, and
-    multi_k raised to 4·k (the second reconstruction always uses at least 4x the current k)."""
+    """One warning line for each silent change of the recipe's k values: k annealing off because k_start is not
+    above k (also once clamped to hidden/4), k_start clamped to hidden/4, and multi_k raised to 4·k (the second
+    reconstruction always uses at least 4x the current k)."""
     if not say:
         return
     k_first = k
-    if cfg.k_start > k:
-        k_first = min(cfg.k_start, hidden // 4)
+    if 0 < cfg.k_start <= k:
+        warn(f"--k-start {cfg.k_start} is not above k = {k}: k annealing is off (it starts above k and "
+             f"decreases to it)")
+    elif cfg.k_start > k:
+        k_first = max(k, min(cfg.k_start, hidden // 4))
         if k_first < cfg.k_start:
-            warn(f"--k-start {cfg.k_start} clamped to hidden_size/4 = {hidden // 4}")
+            off = f", not above k = {k}: k annealing is off" if k_first == k else ""
+            warn(f"--k-start {cfg.k_start} clamped to hidden_size/4 = {hidden // 4}{off}")
     if multi_k < 4 * k_first:
         warn(f"multi_k {multi_k} raised to 4·k = {4 * k_first} while k = {k_first}")
 
@@ -292,7 +298,8 @@ def train(model: CSR, data: TrainData | BatchSource, cfg: TrainConfig, out_dir: 
           rt: Runtime | None = None, args: dict[str, Any] | None = None, resume: bool | str | Path = False,
           progress: bool = True, extra: dict[str, Any] | None = None, loss_fn: LossFn | None = None,
           optimizer: Callable[[CSR], torch.optim.Optimizer] | None = None,
-          save_every: int = 0, epoch_name: str = "epoch{epoch:03d}.pt") -> dict[str, Any]:
+          save_every: int = 0, epoch_name: str = "epoch{epoch:03d}.pt",
+          replace_old: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train `model`, the one loop of every run (visual, text, image-text); returns a summary.
 
     `data`: training rows (`TrainData`, batched by `Batches`) or any `BatchSource`. `loss_fn(out, batch)` gives
@@ -300,7 +307,9 @@ def train(model: CSR, data: TrainData | BatchSource, cfg: TrainConfig, out_dir: 
     builds the optimiser (default Adam). Writes `out_dir/last.pt` after every epoch (what --resume continues;
     `resume` True = that file, or a checkpoint path), `epoch_name` every `save_every` epochs and at the end
     (or every epoch with `cfg.keep_epochs`), and `csr.pt`, `csr.json`, `log.jsonl`. `extra` goes into every
-    checkpoint and the sidecar (e.g. the sweep's digest of the run's inputs).
+    checkpoint and the sidecar (e.g. the sweep's digest of the run's inputs). `replace_old()` (--overwrite: remove
+    the old run's files) runs on the main rank just before the first file is written, so a run that fails
+    earlier leaves the old run as it was.
 
     The steps: `start_run` (set-up, then `resume_or_init`), `run_epoch` (`train_step` per batch), `end_epoch`
     (log line, last.pt, epoch checkpoints) and `finish_run` (dead fraction on the rows, csr.pt and its sidecar).
@@ -308,6 +317,7 @@ def train(model: CSR, data: TrainData | BatchSource, cfg: TrainConfig, out_dir: 
     extra = {**(extra or {}), **({"args": args} if args is not None else {})}
     run = start_run(model, data, cfg, Path(out_dir), rt or Runtime(), resume, extra, loss_fn, optimizer,
                     save_every=1 if cfg.keep_epochs else save_every, epoch_name=epoch_name)
+    run.replace_old = replace_old
     summary: dict[str, Any] = {"epochs": cfg.epochs, "steps": run.step}
     if run.log_lines:  # resumed: the last epoch's stats, until an epoch runs (none when only csr.pt was missing)
         summary.update({**json.loads(run.log_lines[-1]), "epochs": cfg.epochs})
@@ -356,6 +366,7 @@ class Run:
     step: int = 0  # optimiser steps so far
     log_lines: list[str] = field(default_factory=list)  # log.jsonl, one JSON line per epoch
     saved: list[str] = field(default_factory=list)  # epoch checkpoints written
+    replace_old: Callable[[], None] | None = None  # --overwrite: remove the old run's files before the first write
 
     @property
     def rows(self) -> np.ndarray | None:  # the training rows, when the source holds them
@@ -428,25 +439,66 @@ def resume_or_init(run: Run, resume: bool | str | Path) -> None:
 
 
 def resume_from(run: Run, last: Path) -> None:
-    """Load weights, optimiser and schedule from checkpoint `last` (checked against this run's model and data),
-    and the log lines of the epochs it holds; refuse a finished run whose csr.pt exists (nothing to do)."""
+    """Load weights, optimiser, schedule and random generator states from checkpoint `last` (checked against this
+    run's model, data and training settings), and the log lines of the epochs it holds; refuse a finished run
+    whose csr.pt exists (nothing to do)."""
     ckpt = read_checkpoint(last)
-    check_resume(ckpt, last, run.model.cfg.to_dict(), run.identity)
+    missing = [k for k in ("epoch", "step", "optimizer", "scheduler") if k not in ckpt]
+    if missing:
+        raise CSRError(f"--resume {last}: not a training checkpoint (no {', '.join(missing)}); --resume continues "
+                       f"a run's last.pt or epoch checkpoint")
+    check_resume(ckpt, last, run.model.cfg.to_dict(), run.identity, asdict(run.cfg))
     run.start_epoch, run.step = ckpt["epoch"] + 1, ckpt["step"]
     cfg = run.cfg
     if run_finished(ckpt, cfg.epochs, cfg.max_steps) and (run.out_dir / "csr.pt").exists():
         raise CSRError(f"--resume {last}: nothing to resume, the run finished ({run.start_epoch} of {cfg.epochs} "
                        f"epochs, step {run.step}); pass a larger --epochs (or --max-steps) to train on")
-    run.model.load_state_dict(ckpt["state_dict"])
+    try:
+        run.model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CSRError(f"--resume {last}: checkpoint weights do not match its config ({first_line(e)})") from None
     check_finite_weights(run.model, f"--resume {last}")
-    run.opt.load_state_dict(ckpt["optimizer"])
-    run.sched.load_state_dict(ckpt["scheduler"])
+    try:
+        run.opt.load_state_dict(ckpt["optimizer"])
+        run.sched.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CSRError(f"--resume {last}: its optimiser state does not fit this run's optimiser ({first_line(e)})"
+                       ) from None
+    restore_rng(run, ckpt.get("rng"), last)
     log_path = run.out_dir / "log.jsonl"
     if log_path.exists():
         run.log_lines = [ln for ln in log_path.read_text().splitlines()
                          if ln.strip() and json.loads(ln)["epoch"] <= ckpt["epoch"]]
     if run.rt.is_main:
         info(f"resuming from {last}: {run.start_epoch} epochs done, step {run.step}")
+
+
+def rng_state(run: Run) -> dict[str, Any]:
+    """Every random generator a training step may draw from (resampling's, torch's global ones), for last.pt:
+    a resumed run then draws what the uninterrupted run would have drawn."""
+    state = {"device": run.rt.device.type, "resample": run.resample_gen.get_state(), "torch": torch.get_rng_state()}
+    if run.rt.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(run.rt.device)
+    return state
+
+
+def restore_rng(run: Run, state: dict[str, Any] | None, last: Path) -> None:
+    """Set the generators to `rng_state`'s saved `state`. A checkpoint without it (an older version) or saved on
+    another device type keeps the fresh seeds, with a warning when the run draws random numbers (resampling)."""
+    same_device = bool(state) and state.get("device") == run.rt.device.type
+    if not same_device:
+        if run.cfg.resample_every and run.rt.is_main:
+            why = (f"was saved on {state.get('device')}, this run is on {run.rt.device.type}" if state
+                   else "holds no random generator states (an older version wrote it)")
+            warn(f"--resume {last} {why}: resampling picks other units and rows than the uninterrupted run would")
+        return
+    try:
+        run.resample_gen.set_state(state["resample"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], run.rt.device)
+    except (RuntimeError, TypeError, KeyError) as e:
+        raise CSRError(f"--resume {last}: unreadable random generator state ({first_line(e)})") from None
 
 
 # ----------------------------------------------------------------------------- one step, one epoch
@@ -544,9 +596,12 @@ def end_epoch(run: Run, epoch: int, stats: dict[str, Any], steps: int, last_epoc
     run.log_lines.append(json.dumps(stats))
     if not run.rt.is_main:
         return
+    if run.replace_old is not None:
+        run.replace_old()
+        run.replace_old = None
     write_log(run)  # the log first: a last.pt always has its epoch's line (--resume drops lines past it)
     state = dict(optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(), epoch=epoch, step=run.step,
-                 train_config=asdict(run.cfg), data=run.identity, **run.extra)
+                 train_config=asdict(run.cfg), data=run.identity, rng=rng_state(run), **run.extra)
     save_checkpoint(run.out_dir / "last.pt", run.model, **state)
     if run.save_every and ((epoch + 1) % run.save_every == 0 or last_epoch):
         path = run.out_dir / run.epoch_name.format(epoch=epoch, n=epoch + 1)
@@ -575,7 +630,8 @@ def finish_run(run: Run, summary: dict[str, Any]) -> None:
     final = run.out_dir / "csr.pt"
     save_checkpoint(final, model, optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(),
                     epoch=summary.get("epoch", cfg.epochs - 1), step=run.step, train_config=asdict(cfg),
-                    complete=True, train_seconds=time.time() - run.t_start, **run.extra)
+                    data=run.identity, rng=rng_state(run), complete=True, train_seconds=time.time() - run.t_start,
+                    **run.extra)
     write_sidecar(final, model_config=model.cfg.to_dict(), train_config=asdict(cfg), steps=run.step,
                   final_stats={k: v for k, v in summary.items() if k != "epochs"}, **run.extra)
     summary["checkpoint"] = str(final)

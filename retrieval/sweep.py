@@ -41,9 +41,8 @@ from csr.baselines import MRLConfig  # noqa: E402
 from csr.cli import ArgumentParser, add_train_args, bool_flag, configs_from_args, nonneg_int, positive_int, run  # noqa: E402
 from csr.io import (CSRError, check_dims, check_output, check_same_width, labels_path_for,  # noqa: E402
                     load_embeddings, load_labels, read_sidecar)
-from csr.provenance import file_identity  # noqa: E402
 from csr.recipes import RECIPE_ROWS, canonical_variant  # noqa: E402
-from csr.sweep import Plan, Sweep, run_plan, write_report  # noqa: E402
+from csr.sweep import Plan, Sweep, files_id, sweep_report  # noqa: E402
 
 # one-change variants at --ablation-k (csr.recipes' syntax: RECIPE[,FIELD=VALUE...] or FIELD=VALUE[,...])
 ABLATIONS = ["cl=none", "cl=self", "cl=label", "recon_loss=nmse", "bpre_init=geometric_median", "tied=False",
@@ -120,26 +119,16 @@ def main(argv=None) -> str:
 
 def run_sweep(args, rt, plan, xtr, ytr, xte, yte, name, out, meta, header, model_cfg, train_cfg, t_start) -> str:
     """Every part in order (all ranks step through it together under DDP); rank 0 writes the report."""
-    data_id = {f: file_identity(p) for f, p in (("train_emb", args.train_emb), ("eval_emb", args.eval_emb),
-                                                ("train_labels", labels_path_for(args.train_emb)),
-                                                ("eval_labels", labels_path_for(args.eval_emb)))}
     if rt.is_main:
         print(f"sweep {name}: ks {args.ks}, methods {args.methods}\n  CSR {model_cfg}\n  {train_cfg}\n"
               f"  runtime: device {rt.device}, world size {rt.world_size}, amp {train_cfg.amp}, precision {model_cfg.precision}")
-    sw = Sweep(out, xtr, ytr, xte, yte, force=args.force, data_id=data_id, rt=rt, progress=rt.is_main, text=args.text)
-    parts, ablation, stage_seconds = run_plan(sw, plan, model_cfg, train_cfg)
-    if not rt.is_main:
-        return ""
-    meta_out = {"name": name, "train_emb": args.train_emb, "eval_emb": args.eval_emb, "ks": args.ks,
-                "embedding_meta": meta, "stage_seconds": stage_seconds, "wall_seconds": time.time() - t_start,
+    sw = Sweep(out, xtr, ytr, xte, yte, force=args.force, data_id=files_id(args.train_emb, args.eval_emb), rt=rt, progress=rt.is_main, text=args.text)
+    meta_out = {"name": name, "train_emb": args.train_emb, "eval_emb": args.eval_emb, "embedding_meta": meta,
                 "command": " ".join(sys.argv)}
-    table = write_report(out, parts, ablation, args.ks, header, meta_out)
-    print()
-    print(table)
-    print("stage compute time (s, as each part recorded it): "
-          + ", ".join(f"{k} {v:.0f}" for k, v in stage_seconds.items()))
-    print(sw.summary())
-    print(f"sweep done in {time.time() - t_start:.0f}s wall; wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'accuracy_vs_dims.png'}")
+    table = sweep_report(sw, plan, model_cfg, train_cfg, header, meta_out, t_start)
+    if rt.is_main:
+        print(f"sweep done in {time.time() - t_start:.0f}s wall; wrote {out / 'table.md'}, {out / 'results.json'}, "
+              f"{out / 'accuracy_vs_dims.png'}")
     return table
 
 

@@ -265,8 +265,9 @@ def cases(f):
         (main_text.main, "eval", "--emb-dir", d / "nnbad", "--methods", "truncation", "corpus.json: not found"),
         (main_text.main, "train", "--emb-dir", d / "text", *TRAIN, "--out", f["killed"], "--resume"),
         (main_text.main, "train", "--emb-dir", d / "text", *TRAIN, "--lr", "0", "--out", new, "argument --lr"),
-        (main_text.main, "demo", "--datasets", "bbc", "--out", d / "report", "--emb-root", new, "--runs", new,
+        (main_text.main, "demo", "--datasets", "bbc", "--out", d / "report", "--emb-root", new,
          "report/results.json exists; pass --overwrite"),
+        (main_text.main, "demo", "--datasets", "bbc", "--out", new, "--runs", new, "--runs: the demo keeps its models"),
         # --- main_multimodal.py (1, 3, 4, 11, §4 eval overwrite, §7)
         (*mm, "--out", f["killed"], "killed or unfinished run); pass --resume"),
         (*mm, "--out", f["run"], "finished run); pass --resume"),

@@ -333,3 +333,33 @@ def test_beir_pair_training_and_retrieval(bbc_headlines, bbc_small, tmp_path):
     with pytest.raises(CSRError, match="no qrels/dev.tsv"):
         main_text.main(["train", "--emb-dir", str(bbc_headlines), "--out", str(tmp_path / "z"), "--cl", "pair",
                         "--pair-split", "dev"])
+
+
+def test_text_demo_runs_the_sweep_engine_with_mrl_rows_text_metrics_and_a_cache(bbc_small, tmp_path, capsys):
+    """The text demo's sweep of one corpus: every baseline of the image sweep (both MRL adaptors too), the flags' CSR,
+    the label-free and recipe variants; 1-NN top-1, mAP@10, kNN-10 accuracy and V-measure on every row, the last
+    two equal to `main_text.py eval`'s on the same views; a re-run reuses every part."""
+    args = main_text.build_parser().parse_args(
+        ["demo", "--dims", "8", "16", "--epochs", "3", "--batch-size", "50", "--mrl-epochs", "2",
+         "--recipes", "recommended", "--out", str(tmp_path)])
+    plan = main_text.demo_plan(args)
+    table = main_text.sweep_folder(bbc_small, tmp_path / "bbc", args, plan)
+    res = json.loads((tmp_path / "bbc" / "results.json").read_text())
+    rows = {p.get("row", p["method"]) for p in res["parts"]}
+    assert rows == {"full", "trunc", "pca", "mrl", "mrl_unsup", "csr", "csr_cl-none", "csr_rec"}
+    for p in res["parts"]:
+        assert {"top1", "mAP@10", "knn10_acc", "v_measure"} <= set(p), p["key"]
+    for title in ("1-NN top-1 accuracy", "kNN-10 classification accuracy", "V-measure", "MRL adaptor (no labels)",
+                  "CSR (cl=none)", "CSR (recommended recipe)"):
+        assert title in table, title
+    assert (tmp_path / "bbc" / "accuracy_vs_dims.png").stat().st_size > 0
+    ev = main_text.main(["eval", "--emb-dir", str(bbc_small), "--methods", "dense", "truncation", "--dims", "8", "16"])
+    by = {(r["method"], r["dims"]): r for r in ev["rows"]}
+    sweep_rows = {(p["method"], p["dims"]): p for p in res["parts"]}
+    for d in (8, 16):
+        for m in ("knn10_acc", "v_measure"):
+            assert sweep_rows["trunc", d][m] == pytest.approx(by["truncation", d][m], abs=1e-9), (d, m)
+    assert sweep_rows["full", 384]["knn10_acc"] == pytest.approx(by["dense", 384]["knn10_acc"], abs=1e-9)
+    capsys.readouterr()
+    assert main_text.sweep_folder(bbc_small, tmp_path / "bbc", args, plan) == table
+    assert "; computed 0" in capsys.readouterr().out
