@@ -9,7 +9,7 @@ CACHE := .cache
 APT_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup test lock demo demo-full demo-text clean
+.PHONY: setup test lock demo demo-full demo-text results clean
 
 setup: $(VENV)/.installed
 
@@ -90,6 +90,11 @@ demo-full:
 # --threads 1: CSR rows depend on the thread count (float summation order); the README's table is one thread.
 demo-text: setup
 	$(PY) main_text.py demo --datasets bbc r8 --out results/text --threads 1 --overwrite
+
+# The committed result tables (docs/results/*.md) and the README blocks that show them, from the runs' own
+# results.json (each run of demo, demo-full, demo-text or the panel that exists).
+results: setup
+	$(PY) bench/results.py
 
 clean:
 	rm -rf $(VENV) $(CACHE)/.apt-installed

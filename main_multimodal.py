@@ -52,7 +52,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from csr.cli import (ArgumentParser, adam_beta, add_aliases, add_train_args, bool_flag, nonneg_float, nonneg_int,
-                     positive_int, reject_unused, run, str2bool)
+                     positive_int, reject_unused, run, seed_int, str2bool)
 from csr.io import CSRError, warn
 
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "fp32")
@@ -154,7 +154,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch_size", "--batch-size", type=positive_int, default=64, help="images/captions per batch")
     r.add_argument("--workers", "--num_workers", type=nonneg_int, default=0, help="image loading workers")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    r.add_argument("--seed", type=int, default=0, help="seed of a random-init CLIP (--pretrained none)")
+    r.add_argument("--seed", type=seed_int, default=0, help="seed of a random-init CLIP (--pretrained none)")
     return p
 
 
@@ -166,12 +166,13 @@ def build_fixtures_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-shard", type=positive_int, default=256, help="pairs per shard")
     p.add_argument("--n-eval", type=positive_int, default=200, help="images in each retrieval set (5 captions each)")
     p.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST IDX directory")
-    p.add_argument("--seed", type=int, default=0, help="sampling and caption-template seed")
+    p.add_argument("--seed", type=seed_int, default=0, help="sampling and caption-template seed")
     p.add_argument("--train-clip-steps", type=nonneg_int, default=0,
                    help="also train the tiny CLIP on the shards for this many steps (open_clip's ClipLoss) and "
-                        "write OUT/tiny-clip-fmnist.pt, for a demo above chance (300 steps: 5-10 min on 2 CPU cores)")
+                        "write OUT/tiny-clip-fmnist.pt, for a demo above chance (e.g. 300 steps)")
     p.add_argument("--train-clip-batch", type=positive_int, default=128, help="tiny CLIP training batch")
-    bool_flag(p, "--overwrite", default=False, help="replace --out")
+    bool_flag(p, "--overwrite", default=False, help="start over in an existing --out: the old run is removed only "
+                                                     "when the new one writes its first checkpoint")
     return p
 
 
@@ -230,8 +231,6 @@ def train_main(args: argparse.Namespace) -> dict:
             source = mm.OnlineFeatures(clip, stream, args.workers)
             data_desc = f"{len(shards)} shards, {n} pairs/epoch, online CLIP features"
         model = CSR.seeded(model_cfg, args.seed)
-        if args.overwrite and not resume and rt.is_main:
-            clear_run_dir(ckpt_dir)
         if rt.is_main:
             print(f"data: {args.train_data}: {data_desc}")
             print(f"CLIP: {clip.name} ({clip.pretrained}), width {clip.embed_dim}, logit scale {clip.logit_scale:.4g}, "
@@ -244,7 +243,8 @@ def train_main(args: argparse.Namespace) -> dict:
         t0 = time.time()
         summary = mm.train_multimodal(model, source, train_cfg, ckpt_dir, rt, logit_scale, args.csr_cl_on,
                                       args.save_frequency, (args.beta1, args.beta2), args.adam_eps, extra, resume,
-                                      args.progress)
+                                      args.progress, replace_old=(lambda: clear_run_dir(ckpt_dir))
+                                      if args.overwrite and not resume and rt.is_main else None)
         if rt.is_main:
             print(f"done in {time.time() - t0:.1f}s: {summary['steps']} steps, final loss "
                   f"{summary.get('loss_total', float('nan')):.5g}, dead latents {summary.get('dead_fraction', 0):.1%}, "
@@ -329,7 +329,7 @@ def eval_main(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------- fixtures
 
 def fixtures_main(args: argparse.Namespace) -> dict:
-    from csr.fixtures import NOTE, build_fixtures, train_tiny_clip
+    from csr.fmnist_captions import NOTE, build_fixtures, train_tiny_clip
     t0 = time.time()
     m = build_fixtures(args.out, args.n_train, args.per_shard, args.n_eval, args.source, args.seed, args.overwrite)
     if args.train_clip_steps > 0:

@@ -33,8 +33,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from csr.cli import ArgumentParser, add_train_args, bool_flag, configs_from_args, positive_int, run, train_from_args
+from csr.cli import ArgumentParser, add_train_args, bool_flag, configs_from_args, positive_int, run
 from csr.io import CSRError
+from csr.train_run import train_from_args
 
 if TYPE_CHECKING:
     from csr.sweep import Plan

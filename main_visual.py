@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import argparse
 
-from csr.cli import ArgumentParser, add_train_args, run, train_from_args
+from csr.cli import ArgumentParser, add_train_args, run
 from csr.paths import training_dir
+from csr.train_run import train_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from csr.progress import progress_bar
 
 from csr.io import NpyWriter, atomic_save_npy, atomic_write_json, write_sidecar
+from csr.progress import progress_bar
 
 IMAGENET_TRAIN, IMAGENET_VAL, IMAGENET_DIM, IMAGENET_CLASSES = 1_281_167, 50_000, 2048, 1000
 BLOCK = 16384  # rows per generated block (fixed: it defines the random streams)

@@ -4,7 +4,7 @@
     python bench/recipe_val.py --recipe recommended --sets fmnist3k bbc --ks 8 32
     python bench/recipe_val.py --recipe recommended --try encoder_init=pca epochs=30   # a lever on top of it
     python bench/recipe_val.py --recipe paper --sets mine=.cache/text/mine_128:5000 --text-sets mine
-    python bench/recipe_val.py --recipe adaptive --sets fmnist15k --ks 2 8 --seeds 1227 1 2   # mean of 3 seeds
+    python bench/recipe_val.py --recipe recommended --sets fmnist15k --ks 2 8 --seeds 1227 1 2   # mean of 3 seeds
 
 The panel spans what users bring: non-negative CNN features at several sizes and signed sentence embeddings
 of several corpora (PANEL below; each set reads `train_emb.npy` + `train_labels.npy` of a folder the Makefile or
@@ -12,7 +12,7 @@ of several corpora (PANEL below; each set reads `train_emb.npy` + `train_labels.
 a fixed permutation (--split-seed) puts --val-fraction of those rows aside as queries against the rest as the
 database. On small sets the query block rotates over folds until --min-queries rows have been queried (models
 trained per fold, cells averaged), so one query does not move a cell by half a point. The training seed moves a
-cell by as much (up to 2.8 points at fmnist15k k = 8): --seeds trains every model of a cell once per seed (the
+cell by as much or more (docs/decisions.md): --seeds trains every model of a cell once per seed (the
 MRL adaptors too) and averages, as folds are. At every k: PCA fit on the
 database rows, the label-free MRL adaptor, CSR with the paper's recipe (the flags) and CSR with --recipe plus
 the --try changes (the candidate); the full embedding's row (the same at every k) is the ceiling; text sets
@@ -36,8 +36,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from csr.baselines import MRLConfig  # noqa: E402
 from csr.cli import ArgumentParser, add_train_args, configs_from_args, nonneg_float, positive_int, run  # noqa: E402
-from csr.io import CSRError, atomic_write_json, atomic_write_text, load_embeddings, load_labels  # noqa: E402
+from csr.io import (CSRError, atomic_write_json, atomic_write_text, code_version, command_line,  # noqa: E402
+                    load_embeddings, load_labels)
 from csr.metrics import markdown_table  # noqa: E402
+from csr.provenance import machine  # noqa: E402
 from csr.recipes import canonical_variant, parse_changes, variant_configs  # noqa: E402
 from csr.sweep import Sweep, array_identity  # noqa: E402
 
@@ -281,7 +283,10 @@ def main(argv=None) -> dict:
     tag = candidate.replace(" ", "_").replace("=", "-").replace("/", "_")
     atomic_write_text(Path(args.runs) / f"panel_{tag}.md", report + "\n")
     atomic_write_json(Path(args.runs) / f"panel_{tag}.json", {"candidate": candidate, "cells": cells,
-                                                               "comparisons": comps, "ks": args.ks})
+                                                               "comparisons": comps, "ks": args.ks,
+                                                               "command": command_line(), "commit": code_version(),
+                                                               "machine": machine(),
+                                                               "wall_seconds": time.time() - t0})
     return {"cells": cells, "comparisons": comps, "summary": lines, "report": report}
 
 

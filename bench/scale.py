@@ -1,6 +1,6 @@
 """ImageNet-scale dry run of the whole pipeline on one machine, every stage measured (the harness: bench/dry_run.py).
 
-    nice -n 10 python bench/scale.py --work /work/scale-data --rows 100000      # a check (~10 min on 2 cores)
+    nice -n 10 python bench/scale.py --work /work/scale-data --rows 100000      # a check at 100k rows
     nice -n 10 python bench/scale.py --work /work/scale-data                    # full size: 1,281,167 x 2048
 
 Writes synthetic ImageNet-shaped embeddings (train [rows, 2048] float32 = 10.5 GB at full size, val

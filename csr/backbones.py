@@ -218,9 +218,9 @@ class Backbone:
 
     def freeze(self, batch: int = 2) -> "Backbone":
         """Run `features` as a frozen TorchScript graph: traced once on a random `[batch, 3, size, size]` input,
-        then `torch.jit.freeze` folds each BatchNorm into its convolution and inlines the weights. 1.35-1.5x the
-        extraction's images/s on CPU (EfficientNet-Lite0 at 112 px, README); features equal eager ones to ~1e-5
-        (float rounding of the folded weights; tested). Any batch size runs afterwards."""
+        then `torch.jit.freeze` folds each BatchNorm into its convolution and inlines the weights (fewer passes over
+        the activations on CPU; bench/extract_speed.py times it); features equal eager ones to ~1e-5 (float
+        rounding of the folded weights; tested). Any batch size runs afterwards."""
         model = self.model
 
         class _Features(torch.nn.Module):
@@ -244,7 +244,7 @@ class Backbone:
         return self
 
     def set_channels_last(self, on: bool = True) -> "Backbone":
-        """NHWC weights and inputs: 1.5-2x faster convolutions on CPU (oneDNN), usually faster on GPU too."""
+        """NHWC weights and inputs: the layout oneDNN's CPU convolutions (and cuDNN's) prefer."""
         self.channels_last = on
         self.model.to(memory_format=torch.channels_last if on else torch.contiguous_format)
         return self

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from csr.progress import progress_bar
 
 from csr.io import CSRError, read_rows
+from csr.progress import progress_bar
 
 
 def truncate(x: np.ndarray, d: int) -> np.ndarray:

@@ -2,10 +2,10 @@
 
 It holds boolean flags as the paper writes them (`--use_CL True`), typed flag values, the CSR training flags
 (`add_train_args`) and their mapping to configs, and the one-line errors of every script: `ArgumentParser`
-for a bad flag, `run` for a `CSRError` (`error: ...` on stderr, exit code 2). Every other module of `csr/`
-is free of argparse and print(): it takes plain arguments and returns values (progress lines through
-`csr.io.info`, warnings through `csr.io.warn`); the scripts parse flags, call the library and print what it
-returned.
+for a bad flag, `run` for a `CSRError` (`error: ...` on stderr, exit code 2). One run from the parsed training
+flags is csr/train_run.py's. Every other module of `csr/` is free of argparse and print(): it takes plain
+arguments and returns values (progress lines through `csr.io.info`, warnings through `csr.io.warn`); the
+scripts parse flags, call the library and print what it returned.
 """
 from __future__ import annotations
 
@@ -16,19 +16,16 @@ import sys
 from typing import Any, Callable, Sequence
 
 from csr.io import CSRError
-from csr.recipes import RECIPE_CHOICES, RECIPE_ROWS  # noqa: F401  (RECIPE_ROWS: the scripts' recipe rows)
+from csr.recipes import RECIPE_CHOICES
+from csr.values import parse_bool, parse_fraction
 
 
 def str2bool(s: str | bool) -> bool:
     """Parse `True/False/1/0/yes/no` so `--use_CL True` works as in the paper's README."""
-    if isinstance(s, bool):
-        return s
-    v = s.strip().lower()
-    if v in ("1", "true", "t", "yes", "y", "on"):
-        return True
-    if v in ("0", "false", "f", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {s!r}")
+    try:
+        return parse_bool(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def bool_flag(parser: argparse._ActionsContainer, *names: str, default: bool, help: str) -> None:
@@ -127,12 +124,9 @@ def adam_beta(s: str) -> float:
 def fraction(s: str) -> float:
     """A float that may be written as a fraction, e.g. `1/32`."""
     try:
-        if "/" in s:
-            num, den = s.split("/", 1)
-            return float(num) / float(den)
-        return float(s)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 1/32, got {s!r}") from None
+        return parse_fraction(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 PRECISION_HELP = ("CSR encoder matmul: fp32 (paper, default), bf16 = bf16 operands with fp32 accumulation for the "
@@ -188,6 +182,15 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
     Defaults are the paper's recipe (main_visual.py of the reference); deviations are flags, off by default.
     """
     m = p.add_argument_group("model")
+    _model_flags(m)
+    _dead_unit_flags(m)
+    _optimisation_flags(p.add_argument_group("optimisation"))
+    _contrastive_flags(p.add_argument_group("contrastive"), cl, cl_coef)
+    _runtime_flags(p.add_argument_group("runtime"), precision_flag)
+
+
+def _model_flags(m: argparse._ArgumentGroup) -> None:
+    """The model's shape and the recipe: k, AuxK units, width, deadness, tied decoder, input standardising."""
     m.add_argument("--topk", type=positive_int, default=8, help="active units k per code (paper: 8..256)")
     m.add_argument("--auxk", type=nonneg_int, default=512, help="dead units used by the AuxK loss (paper: 512)")
     m.add_argument("--hidden-size", "--hidden_size", dest="hidden_size", type=positive_int, default=None,
@@ -203,6 +206,10 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
                         "positives (--cl label --cl_coef 1); recommended-v1[+labels]: the earlier recommended recipe "
                         "(adaptive[+labels] is recommended[+labels]'s earlier name). Applied on top of the other "
                         "flags; what each changes: csr/recipes.py")
+
+
+def _dead_unit_flags(m: argparse._ArgumentGroup) -> None:
+    """Initialisation, k annealing and dead-unit resampling: the levers against dead units (off by default)."""
     m.add_argument("--encoder-init", "--encoder_init", dest="encoder_init", default="random", choices=["random", "data", "pca"],
                    help="encoder (and untied decoder) rows: random (reference); data = centred, unit-norm training "
                         "rows, so that every unit starts alive; pca = ±principal directions around b_pre, so that "
@@ -222,7 +229,10 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
                         "batch, with their Adam state reset (0 = off: the reference has no resampling)")
     m.add_argument("--resample-until", type=unit_interval, default=0.5,
                    help="resample during this share of all steps only, so the moved units can settle")
-    o = p.add_argument_group("optimisation")
+
+
+def _optimisation_flags(o: argparse._ArgumentGroup) -> None:
+    """Adam, batches, epochs, LR schedule, clipping and the reconstruction / AuxK loss terms."""
     o.add_argument("--lr", type=positive_float, default=4e-4, help="Adam learning rate (paper: 4e-4)")
     o.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=4096,
                    help="global batch size (paper: 4096)")
@@ -244,7 +254,10 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
     o.add_argument("--auxk_coef", "--auxk-coef", dest="auxk_coef", type=nonneg_float, default=1 / 32,
                    help="AuxK loss weight beta (paper: 1/32)")
     o.add_argument("--multi-k-coef", type=nonneg_float, default=1 / 8, help="weight of the 4k reconstruction (1/8)")
-    c = p.add_argument_group("contrastive")
+
+
+def _contrastive_flags(c: argparse._ArgumentGroup, cl: str, cl_coef: float) -> None:
+    """The contrastive term (`cl`, `cl_coef`: the script's defaults) and the kNN-preserving term."""
     bool_flag(c, "--use_CL", "--use-cl", default=True, help="add the contrastive term (paper: True)")
     c.add_argument("--cl", default=cl, choices=["self", "label", "pair", "none"],
                    help="contrastive positives: self (reference), label (same class), pair, none")
@@ -259,7 +272,10 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
                         "the cosine matrices (the label-free MRL objective)")
     c.add_argument("--sim-temperature", type=positive_float, default=0.05,
                    help="temperature of the rank term's neighbour distributions")
-    r = p.add_argument_group("runtime")
+
+
+def _runtime_flags(r: argparse._ArgumentGroup, precision_flag: str) -> None:
+    """Seed, device, DDP, AMP, the encoder's precision (flag named `precision_flag`), resume and outputs."""
     r.add_argument("--seed", type=seed_int, default=1227, help="random seed (0 to 2**63 - 2)")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     r.add_argument("--gpu", type=nonneg_int, default=None, help="CUDA device index for a single-process run")
@@ -273,7 +289,10 @@ def add_train_args(p: argparse.ArgumentParser, cl_coef: float = 0.1, cl: str = "
                         "may differ (to train on); another --batch-size, --seed, --lr, ... is refused. With the same "
                         "flags on the same device type it draws the batches and random numbers the uninterrupted run "
                         "would have")
-    bool_flag(r, "--overwrite", default=False, help="start over in an existing OUT (its csr.pt, last.pt, log.jsonl are replaced)")
+    bool_flag(r, "--overwrite", default=False,
+              help="start over in an existing OUT: the old run (csr.pt, last.pt, log.jsonl, epoch checkpoints) is "
+                   "removed only when the new run writes its first checkpoint, so a run that fails before that "
+                   "keeps the old one")
     bool_flag(r, "--keep-epochs", default=False, help="keep a checkpoint of every epoch (OUT/epochNNN.pt)")
 
 
@@ -325,56 +344,3 @@ def configs_from_args(args: argparse.Namespace, input_dim: int, x=None):
         from csr.recipes import apply_recipe
         model_cfg, train_cfg = apply_recipe(args.recipe, model_cfg, train_cfg, x, args.hidden_size is not None)
     return model_cfg, train_cfg
-
-
-def train_from_args(args: argparse.Namespace, emb_path: str, out_dir: str, pair_path: str | None = None,
-                    labels_path: str | None = None) -> dict:
-    """Load embeddings (and labels / paired rows), build the model from the flags, train, print a summary."""
-    import time
-    from pathlib import Path
-
-    import torch
-
-    from csr import distributed
-    from csr.checkpoint import clear_run_dir, prepare_run_dir
-    from csr.io import labels_path_for, load_embeddings, load_labels
-    from csr.provenance import file_identity
-    from csr.model import CSR
-    from csr.train import TrainData, train
-
-    out = prepare_run_dir(out_dir, args.overwrite, args.resume)
-    x = load_embeddings(emb_path)
-    lab_path = Path(labels_path) if labels_path else labels_path_for(emb_path)
-    need_labels = bool(labels_path) or (args.use_CL and args.cl == "label")  # a path given must exist
-    labels = load_labels(lab_path, x.shape[0], required=need_labels)
-    x_pair = None
-    if pair_path:
-        x_pair = load_embeddings(pair_path)
-        if x_pair.shape != x.shape:
-            raise CSRError(f"{pair_path}: paired embeddings have shape {x_pair.shape}, expected {x.shape}")
-    model_cfg, train_cfg = configs_from_args(args, x.shape[1], x)
-    rt = distributed.setup(args.use_ddp, args.device, args.gpu)
-    # --overwrite: the old run goes only when the new one writes its first file (an input that fails at the first
-    # step, e.g. squares that overflow float32, leaves the old run as it was)
-    replace_old = (lambda: clear_run_dir(out)) if args.overwrite and not args.resume and rt.is_main else None
-    try:
-        model = CSR.seeded(model_cfg, train_cfg.seed)
-        if rt.is_main:
-            print(f"data: {emb_path} {tuple(x.shape)} {x.dtype}" + (f", labels {lab_path}" if labels is not None else ""))
-            print(f"model: {model_cfg}")
-            print(f"train: {train_cfg}")
-            print(f"runtime: device {rt.device}, world size {rt.world_size}")
-        t0 = time.time()
-        data = TrainData(x, labels, x_pair, identity=file_identity(emb_path))
-        summary = train(model, data, train_cfg, out, rt, args=vars(args), resume=args.resume,
-                        replace_old=replace_old)
-        if rt.is_main:
-            print(f"done in {time.time() - t0:.1f}s: {summary['steps']} steps, final loss "
-                  f"{summary.get('loss_total', float('nan')):.5g}, dead latents {summary.get('dead_fraction', 0):.1%} "
-                  f"(not fired in {model_cfg.dead_threshold} steps), "
-                  f"{summary.get('dead_fraction_rows', float('nan')):.1%} in no code of "
-                  f"{summary.get('dead_rows_checked', 0):,} training rows")
-            print(f"wrote {out / 'csr.pt'} (+ last.pt, log.jsonl, csr.json)")
-        return summary
-    finally:
-        distributed.cleanup()

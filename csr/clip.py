@@ -11,9 +11,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from csr.io import CSRError, read_json
+from csr.progress import progress_bar
 
 # A tiny open_clip architecture for tests and the CPU demo (random initialisation; ~3M parameters, most of
 # them the 49408-token embedding the standard tokenizer needs).
@@ -179,13 +179,13 @@ def embed_images(clip: FrozenCLIP, paths: Sequence[str], batch_size: int = 64, w
     loader = torch.utils.data.DataLoader(_ImageFiles(paths, clip.preprocess), batch_size=batch_size,
                                          num_workers=workers, pin_memory=clip.device.type == "cuda")
     out = [clip.image_features(b).cpu().numpy()
-           for b in tqdm(loader, desc="image features", disable=not progress, leave=False)]
+           for b in progress_bar(loader, desc="image features", disable=not progress, leave=False)]
     return np.concatenate(out)
 
 
 @torch.no_grad()
 def embed_texts(clip: FrozenCLIP, texts: Sequence[str], batch_size: int = 256, progress: bool = True) -> np.ndarray:
     out = [clip.text_features(clip.tokenizer(list(texts[s:s + batch_size]))).cpu().numpy()
-           for s in tqdm(range(0, len(texts), batch_size), desc="text features", disable=not progress, leave=False)]
+           for s in progress_bar(range(0, len(texts), batch_size), desc="text features", disable=not progress, leave=False)]
     return np.concatenate(out)
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from csr.progress import progress_bar
 
 from csr.codes import SparseCodes, index_dtype
 from csr.io import CSRError
 from csr.model import CSR
+from csr.progress import progress_bar
 
 
 @torch.no_grad()

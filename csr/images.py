@@ -3,7 +3,7 @@
 Both sources yield `Batch`es of uint8 `[B, 3, S, S]` centre crops (normalisation happens on the device) with
 int64 labels and the dataset indices they came from, in dataset order, so the extraction loop can place rows
 exactly. Preprocessing is the same for both: resize the short side to `S / crop_pct` with Pillow's bicubic,
-centre crop S. The FFCV path uses its own decoder (`timm_center_crop_decoder`, numba, `csr.resample`)
+centre crop S. The FFCV path uses its own decoder (`timm_center_crop_decoder`, numba, `csr.image_resize`)
 instead of FFCV's CenterCropRGBImageDecoder (OpenCV INTER_AREA, blocky when upsampling), so raw-stored
 images give the same pixels as the ImageFolder path; JPEG-stored ones differ by the JPEG loss only.
 
@@ -246,13 +246,13 @@ def _jpeg_decoder():
 
 
 def timm_center_crop_decoder(size: int, resize: int):
-    """FFCV decoder: JPEG/raw decode, then `csr.resample.resize_center_crop` (PIL-exact bicubic, timm geometry)."""
+    """FFCV decoder: JPEG/raw decode, then `csr.image_resize.resize_center_crop` (PIL-exact bicubic, timm geometry)."""
     global _DECODER_CLASS
     if _DECODER_CLASS is None:
         from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
         from ffcv.pipeline.compiler import Compiler
 
-        from csr.resample import resize_center_crop
+        from csr.image_resize import resize_center_crop
 
         class TimmCenterCropDecoder(ResizedCropRGBImageDecoder):
             """Deterministic eval decoder matching torchvision Resize(bicubic) + CenterCrop on PIL images."""

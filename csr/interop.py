@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from csr.checkpoint import load_model, save_checkpoint
+from csr.checkpoint import first_line, load_model, save_checkpoint
 from csr.io import CSRError, atomic_dir, code_version, read_json, read_sidecar, write_sidecar
 from csr.model import CSR, CSRConfig
 from csr.model_card import data_files, model_card
@@ -99,12 +99,12 @@ def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
         try:
             return load_file(st_path, device="cpu"), st_path
         except (SafetensorError, OSError, ValueError) as e:
-            raise CSRError(f"{st_path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+            raise CSRError(f"{st_path}: not a readable safetensors file ({first_line(e)})") from None
     if bin_path.is_file():
         try:
             return torch.load(bin_path, map_location="cpu", weights_only=True), bin_path
         except Exception as e:  # noqa: BLE001 - torch raises many types for a corrupt pickle
-            raise CSRError(f"{bin_path}: not a readable weights file ({str(e).splitlines()[0]})") from None
+            raise CSRError(f"{bin_path}: not a readable weights file ({first_line(e)})") from None
     raise CSRError(f"{folder}: no {WEIGHTS} (or {LEGACY_WEIGHTS}) weights file")
 
 
@@ -252,7 +252,7 @@ def export_sparse_encoder(ckpt_path: str | os.PathLike, backbone_dir: str | os.P
     try:
         st = SentenceTransformer(str(backbone), device="cpu", local_files_only=True)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise CSRError(f"{backbone}: cannot load the sentence-transformers backbone ({str(e).splitlines()[0]})") from None
+        raise CSRError(f"{backbone}: cannot load the sentence-transformers backbone ({first_line(e)})") from None
     dim = st.get_embedding_dimension() if hasattr(st, "get_embedding_dimension") else st.get_sentence_embedding_dimension()
     if dim != model.cfg.input_dim:
         raise CSRError(f"{backbone}: backbone gives {dim}-d embeddings but the checkpoint expects "

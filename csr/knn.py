@@ -9,11 +9,11 @@ database across torch.distributed processes (through csr/distributed.py) and mer
 from __future__ import annotations
 
 import numpy as np
-from tqdm import tqdm
 
 from csr.codes import SparseCodes
 from csr.io import CSRError, warn
-from csr.topk import check_hidden_size, check_k, select_topk
+from csr.progress import progress_bar
+from csr.topk import check_hidden_size, check_k, topk_of_scores
 
 BACKENDS = ("faiss", "sparse", "scipy")
 
@@ -85,7 +85,7 @@ def dense_search(queries: np.ndarray, database: np.ndarray, K: int, batch_size: 
     Kq = min(K + margin, db.shape[0])
     out_i = np.empty((len(queries), K), dtype=np.int64)
     out_s = np.empty((len(queries), K), dtype=np.float32)
-    for s in tqdm(range(0, len(queries), batch_size), desc="faiss kNN", disable=not progress, leave=False):
+    for s in progress_bar(range(0, len(queries), batch_size), desc="faiss kNN", disable=not progress, leave=False):
         q = l2_normalize(queries[s:s + batch_size])
         sc, ix = index.search(q, Kq)
         o = np.argsort(ix, axis=1, kind="stable")
@@ -95,7 +95,7 @@ def dense_search(queries: np.ndarray, database: np.ndarray, K: int, batch_size: 
         if Kq < db.shape[0]:
             redo = np.flatnonzero(sc[:, K - 1] == sc[:, -1])
             if len(redo):
-                exact = select_topk(q[redo] @ db.T, K)
+                exact = topk_of_scores(q[redo] @ db.T, K)
                 ix[redo, :K], sc[redo, :K] = exact
         out_i[s:s + len(q)], out_s[s:s + len(q)] = ix[:, :K], sc[:, :K]
     return out_i, out_s
@@ -110,9 +110,9 @@ def scipy_sparse_search(queries: SparseCodes, database: SparseCodes, K: int, bat
     q = queries.to_scipy(normalize=True)
     out_i = np.empty((queries.n, K), dtype=np.int64)
     out_s = np.empty((queries.n, K), dtype=np.float32)
-    for s in tqdm(range(0, queries.n, batch_size), desc="scipy kNN", disable=not progress, leave=False):
+    for s in progress_bar(range(0, queries.n, batch_size), desc="scipy kNN", disable=not progress, leave=False):
         block = (q[s:s + batch_size] @ dbt).toarray().astype(np.float32)
-        out_i[s:s + len(block)], out_s[s:s + len(block)] = select_topk(block, K)
+        out_i[s:s + len(block)], out_s[s:s + len(block)] = topk_of_scores(block, K)
     return out_i, out_s
 
 

@@ -1,4 +1,4 @@
-"""The CSR model: a top-k sparse autoencoder over frozen embeddings (DESIGN.md, "The model").
+"""The CSR model: a top-k sparse autoencoder over frozen embeddings (docs/design.md, "The model").
 
     pre = W (x - b_pre) + b_lat,   z_k = ReLU(TopK_k(pre)),   x_hat = W_d^T z + b_pre
 
@@ -122,8 +122,8 @@ class _SparseCode(torch.autograd.Function):
 
 
 # The AuxK code is computed densely over the dead units (GEMMs) while they are at most this many times the AuxK
-# units per row; beyond, as gathered (row, unit) pairs. Measured on 2 CPU cores (B 4096, d 1280, 5120 units): a
-# [B, 5120] x [5120, d] GEMM takes 0.14 s, an embedding_bag over 512 pairs per row 0.25 s. Same values either way.
+# units per row; beyond, as gathered (row, unit) pairs, whose memory traffic is then the smaller cost
+# (bench/auxk_speed.py times both). Same values either way.
 DENSE_AUXK_RATIO = 16
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -113,11 +113,13 @@ def make_optimizer(model: CSR, lr: float, wd: float, betas: tuple[float, float],
 def train_multimodal(model: CSR, source: OnlineFeatures | CachedFeatures, cfg: TrainConfig, out_dir: str | Path,
                      rt: Runtime, logit_scale: float, cl_on: str = "recon", save_frequency: int = 1,
                      betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, extra: dict[str, Any] | None = None,
-                     resume: bool | str | None = None, progress: bool = True) -> dict[str, Any]:
+                     resume: bool | str | None = None, progress: bool = True,
+                     replace_old: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train the shared CSR on (image, text) feature batches from `source` with `csr.train.train`.
 
     Writes `out_dir/epoch_{E}.pt` every `save_frequency` epochs and at the end, `out_dir/last.pt` after every
     epoch (for resuming from it), `out_dir/csr.pt` at the end, and `out_dir/log.jsonl`. Returns the summary.
+    `replace_old()` (--overwrite) removes an earlier run's files just before the first write.
     """
     if cl_on not in CL_ON:
         raise CSRError(f"--csr-cl-on must be one of {CL_ON}, got {cl_on!r}")
@@ -129,4 +131,4 @@ def train_multimodal(model: CSR, source: OnlineFeatures | CachedFeatures, cfg: T
     return train(model, source, cfg, out_dir, rt, resume=resume or False, progress=progress,
                  extra={**(extra or {}), "logit_scale": logit_scale, "cl_on": cl_on}, loss_fn=loss_fn,
                  optimizer=lambda m: make_optimizer(m, cfg.lr, cfg.wd, betas, eps), save_every=save_frequency,
-                 epoch_name="epoch_{n}.pt")
+                 epoch_name="epoch_{n}.pt", replace_old=replace_old)

@@ -120,5 +120,5 @@ def pair_dots(rows: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> tor
     offsets = torch.arange(0, B * K, K, device=idx.device)
     bag = torch.arange(B, device=idx.device).repeat_interleave(K)
     out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        rows.contiguous(), table, idx.reshape(-1), offsets, bag, 0, -1)
+        rows.contiguous(), table, idx.reshape(-1).contiguous(), offsets, bag, 0, -1)
     return out.view(B, K)

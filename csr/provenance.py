@@ -70,3 +70,22 @@ def digest(obj: Any) -> str:
     """Stable short hash of a JSON-able object (dict keys sorted)."""
     text = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def machine() -> dict[str, Any]:
+    """Where a result was measured: CPU model, logical cores, torch's CPU threads, and the GPU when one is used."""
+    import platform
+
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out

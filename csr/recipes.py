@@ -8,12 +8,14 @@ measured properties of those rows, never to a data set's name.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from csr.io import CSRError, warn
+from csr.values import parse_bool, parse_fraction
 
 if TYPE_CHECKING:  # the CLI imports the names below before torch is loaded
     from csr.train import TrainConfig
@@ -163,23 +165,19 @@ def split_variant(spec: str, flag: str) -> tuple[str, list[str]]:
 
 def _field_value(change: str, raw: str, cur: Any, flag: str) -> Any:
     """`raw` parsed strictly as the type of the field's current value `cur` (a bool: true/false/1/0/...)."""
-    import argparse
-    import math
-
-    from csr.cli import fraction, str2bool
     kind = type(cur).__name__
     try:
         if isinstance(cur, bool):
-            return str2bool(raw)
+            return parse_bool(raw)
         if isinstance(cur, int):
             return int(raw)
         if isinstance(cur, float):
-            val = fraction(raw)
+            val = parse_fraction(raw)
             if not math.isfinite(val):
                 raise ValueError(raw)
             return val
         return type(cur)(raw)
-    except (ValueError, argparse.ArgumentTypeError):
+    except ValueError:
         raise CSRError(f"{flag} {change}: {raw!r} is not a {'finite ' if kind == 'float' else ''}{kind}"
                        + (" (true/false/1/0)" if kind == "bool" else "")) from None
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 from numba import njit
-from tqdm import tqdm
 
 from csr.codes import SparseCodes, validate_codes
 from csr.io import CSRError
+from csr.progress import progress_bar
 from csr.sparse_knn_numba import query_work, search_postings, search_tiles
 from csr.sparse_rows import normalized_rows, row_slice
 from csr.topk import check_pair, require_codes
@@ -138,7 +138,7 @@ class SparseIndex:
             out_s = np.empty((queries.n, K), dtype=np.float32)
             accs = np.zeros((nt, min(self.block, self.n)), dtype=np.float32)
             starts = range(0, queries.n, batch_size)
-            for b0 in tqdm(starts, desc="sparse kNN", unit="batch", disable=not progress, mininterval=1.0):
+            for b0 in progress_bar(starts, desc="sparse kNN", unit="batch", disable=not progress, mininterval=1.0):
                 sl = slice(b0, min(queries.n, b0 + batch_size))
                 qi, qv, ql = normalized_rows(row_slice(queries, sl.start, sl.stop))
                 n_hot, n_post = query_work(qi, ql, self.hot_pos, self.ptr)

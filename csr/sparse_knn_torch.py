@@ -8,9 +8,9 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from tqdm import tqdm
 
 from csr.codes import SparseCodes, validate_codes
+from csr.progress import progress_bar
 from csr.sparse_rows import normalized_csr, row_slice
 from csr.topk import check_pair, require_codes, topk_lowest_index
 
@@ -45,7 +45,7 @@ class TorchSparseIndex:
         check_pair(queries, self.hidden_size, self.n, K)
         out_i = np.empty((queries.n, K), dtype=np.int64)
         out_s = np.empty((queries.n, K), dtype=np.float32)
-        for b0 in tqdm(range(0, queries.n, batch_size), desc="sparse kNN (torch)", unit="batch",
+        for b0 in progress_bar(range(0, queries.n, batch_size), desc="sparse kNN (torch)", unit="batch",
                        disable=not progress, mininterval=1.0):
             b1 = min(queries.n, b0 + batch_size)
             ind, sc = self.search_batch(row_slice(queries, b0, b1), K)

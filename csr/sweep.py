@@ -20,11 +20,11 @@ from csr.baselines import PCA, MRLConfig, matryoshka_dims, mrl_transform, train_
 from csr.codes import SparseCodes
 from csr.distributed import Runtime, broadcast_object
 from csr.encode import dead_fraction, encode_array
-from csr.io import CSRError, atomic_write_json, atomic_write_text, info
+from csr.io import CSRError, atomic_write_json, atomic_write_text, code_version, info
 from csr.knn import search
 from csr.metrics import markdown_table, retrieval_metrics
 from csr.model import CSR, CSRConfig
-from csr.provenance import code_digest, digest
+from csr.provenance import code_digest, digest, machine
 from csr.recipes import variant_configs, variant_row
 from csr.text_eval import View, knn_accuracy, v_measure
 from csr.train import AMP_DEVICE_TYPES, TrainConfig, TrainData, train
@@ -416,7 +416,8 @@ def sweep_report(sw: Sweep, plan: Plan, model_cfg: CSRConfig, train_cfg: TrainCo
     parts, ablation, stage_seconds = run_plan(sw, plan, model_cfg, train_cfg)
     if not sw.rt.is_main:
         return ""
-    meta = {**meta, "ks": plan.ks, "stage_seconds": stage_seconds, "wall_seconds": time.time() - t_start}
+    meta = {**meta, "ks": plan.ks, "stage_seconds": stage_seconds, "wall_seconds": time.time() - t_start,
+            "commit": code_version(), "machine": machine()}
     table = write_report(sw.out, parts, ablation, plan.ks, header, meta)
     info("\n" + table)
     info("stage compute time (s, as each part recorded it): "
@@ -425,13 +426,20 @@ def sweep_report(sw: Sweep, plan: Plan, model_cfg: CSRConfig, train_cfg: TrainCo
     return table
 
 
-def write_report(out: Path, parts: list[dict], ablation: list[dict], dims: list[int], header: str,
-                 meta: dict[str, Any]) -> str:
+def report_text(parts: list[dict], ablation: list[dict], dims: list[int], header: str) -> str:
+    """The report's text (table.md): the tables per metric, then the one-change variants."""
     table = results_table(parts, dims, header)
     if ablation:
         table += (f"\nOne-change variants at k = {ablation[0]['dims']} (each a change to the flags' recipe):\n\n"
                   + ablation_table(ablation))
+    return table
+
+
+def write_report(out: Path, parts: list[dict], ablation: list[dict], dims: list[int], header: str,
+                 meta: dict[str, Any]) -> str:
+    """table.md, results.json (`meta` + parts + ablation) and accuracy_vs_dims.png under `out`."""
+    table = report_text(parts, ablation, dims, header)
+    atomic_write_json(out / "results.json", {**meta, "header": header, "parts": parts, "ablation": ablation})
     atomic_write_text(out / "table.md", table)
-    atomic_write_json(out / "results.json", {**meta, "parts": parts, "ablation": ablation})
     plot(parts, out / "accuracy_vs_dims.png", header)
     return table

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from csr.io import (CSRError, NpyWriter, atomic_save_npy, atomic_write_json, info, load_embeddings, read_sidecar,
                     write_sidecar)
+from csr.progress import progress_bar
 from csr.text_corpora import LabelledCorpus, RetrievalCorpus
 
 
@@ -107,7 +107,7 @@ def encode_texts(model, texts: list[str], out_path: Path, batch_size: int = 64, 
     n, d = len(texts), embedding_dim(model)
     order = np.argsort([-len(t) for t in texts], kind="stable")
     t0 = time.time()
-    with NpyWriter(out_path, (n, d), np.float32) as w, tqdm(total=n, desc=desc, unit="text",
+    with NpyWriter(out_path, (n, d), np.float32) as w, progress_bar(total=n, desc=desc, unit="text",
                                                               disable=not progress) as bar:
         for s in range(0, n, chunk):
             rows = order[s:s + chunk]

@@ -221,9 +221,9 @@ def baseline_views(a: np.ndarray, b: np.ndarray, dims: tuple[int, ...], methods:
 
 def evaluate_views(views, task: str, y_or_qrels, progress: bool = True, desc: str = "eval", **kw) -> list[dict]:
     """Rows {method, dims, metric: value, ...} for each view; `task` is `labelled` or `retrieval`."""
-    from tqdm import tqdm
+    from csr.progress import progress_bar
     rows = []
-    for view in tqdm(list(views), desc=desc, disable=not progress, leave=False):
+    for view in progress_bar(list(views), desc=desc, disable=not progress, leave=False):
         if task == "labelled":
             scores = evaluate_labelled(view, *y_or_qrels, **kw)
         else:

@@ -60,7 +60,7 @@ def topk_lowest_index(scores, K: int):
     return cols.gather(1, order), vals.gather(1, order)
 
 
-def select_topk(scores: np.ndarray, K: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def topk_of_scores(scores: np.ndarray, K: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Top-K of each row of a dense numpy score block, sorted by (-score, column); columns shifted by `offset`.
     `topk_lowest_index` on the CPU; a K above the row length returns every column."""
     import torch

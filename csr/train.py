@@ -1,224 +1,32 @@
 """The one CSR training loop, shared by visual, text and image-text runs (`train`): any batch source, loss and
 optimiser; explicit LR schedule, AMP on CUDA, DDP under torchrun, k annealing, dead-unit resampling, checkpoint
-per epoch, resume, tqdm, and a per-epoch JSONL log (each loss term, dead-latent fraction, samples/s).
-Also the optimisation settings (`TrainConfig`) and the loss terms of one step (`step_losses`)."""
+per epoch, resume, progress bars, and a per-epoch JSONL log (each loss term, dead-latent fraction, samples/s).
+The optimisation settings (`TrainConfig`) and the loss terms of one step (`step_losses`) are csr/train_config.py's,
+the rows and batches (`TrainData`, `Batches`, `BatchSource`) csr/batches.py's; all are importable from here."""
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from csr import losses as L
+from csr.batches import MIN_ROWS, Batch, Batches, BatchSource, TrainData, check_data
 from csr.checkpoint import (check_finite_weights, check_resume, first_line, read_checkpoint, run_finished,
                             save_checkpoint)
 from csr.distributed import Runtime, all_reduce_, barrier
 from csr.encode import dead_fraction_on_rows
 from csr.io import CSRError, atomic_write_text, info, warn, write_sidecar
 from csr.model import CSR
+from csr.progress import progress_bar
 from csr.remedies import (init_encoder_from_data, init_encoder_from_pca, init_pre_bias, remove_parallel_decoder_grad,
                           resample_dead_units)
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation recipe. Defaults are the paper's (main_visual.py) unless noted."""
-    lr: float = 4e-4
-    batch_size: int = 4096  # global batch (split across DDP ranks)
-    epochs: int = 10
-    cl: str = "self"  # contrastive term: self | label | pair | none
-    cl_coef: float = 0.1  # gamma (0.1 vision, 1 multimodal)
-    temperature: float = 0.2
-    sim_coef: float = 0.0  # weight of the kNN-preserving term (ours; 0 = off, the paper's recipe)
-    sim_loss: str = "rank"  # rank (KL of the neighbour distributions) | gram (MSE of the cosine matrices)
-    sim_temperature: float = 0.05  # temperature of the rank term's neighbour distributions
-    auxk_coef: float = 1 / 32  # beta
-    multi_k_coef: float = 1 / 8  # weight of the 4k reconstruction
-    multi_k: int = 0  # units of the second reconstruction; 0 = 4·k
-    recon_loss: str = "mse"  # mse (reference) | nmse (MSE / Var(x): our option)
-    wd: float = 0.0
-    adam_eps: float = 6.25e-10
-    fused_adam: bool = True  # torch's fused Adam kernel: the same update up to float rounding, fewer passes
-    schedule: str = "constant"  # constant (reference: StepLR gamma 1) | cosine
-    warmup_steps: int = 0
-    grad_clip: float = 0.0  # 0 = off
-    bpre_init: str = "zeros"  # zeros (reference) | mean | geometric_median
-    encoder_init: str = "random"  # random (reference: torch's Linear init) | data (rows = centred, unit-norm samples)
-    #                               | pca (rows = ±principal directions around b_pre: starts at PCA's information)
-    k_start: int = 0  # k annealing (CSRv2-style, off = 0): train with k_start active units at step 0 ...
-    k_anneal_steps: int = 0  # ... decreasing linearly to the model's k at this step (0 = --k-anneal-fraction)
-    k_anneal_fraction: float = 0.5  # ... or over this share of all steps (CSRv2: 0.7)
-    resample_every: int = 0  # every N steps, move units idle for N steps onto badly reconstructed inputs (0 = off)
-    resample_until: float = 0.5  # ... during this share of all steps only (the moved units then settle)
-    seed: int = 1227
-    amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
-    max_steps: int = 0  # stop after this many optimiser steps in total (0 = run all epochs)
-    keep_epochs: bool = False  # keep epochNNN.pt besides last.pt
-
-    def __post_init__(self) -> None:
-        if self.cl not in L.CL_MODES:
-            raise CSRError(f"--cl must be one of {L.CL_MODES}, got {self.cl!r}")
-        if self.sim_loss not in L.SIM_LOSSES:
-            raise CSRError(f"--sim-loss must be one of {L.SIM_LOSSES}, got {self.sim_loss!r}")
-        if self.recon_loss not in ("mse", "nmse"):
-            raise CSRError(f"--recon-loss must be mse or nmse, got {self.recon_loss!r}")
-        if self.schedule not in ("constant", "cosine"):
-            raise CSRError(f"--schedule must be constant or cosine, got {self.schedule!r}")
-        if self.encoder_init not in ("random", "data", "pca"):
-            raise CSRError(f"--encoder-init must be random, data or pca, got {self.encoder_init!r}")
-        if self.bpre_init not in ("zeros", "mean", "geometric_median"):
-            raise CSRError(f"--bpre-init must be zeros, mean or geometric_median, got {self.bpre_init!r}")
-        for flag, v in (("--lr", self.lr), ("--temperature", self.temperature),
-                        ("--sim-temperature", self.sim_temperature), ("--adam-eps", self.adam_eps)):
-            if not math.isfinite(v) or v <= 0:  # anything else can only produce NaN losses or Adam's traceback
-                raise CSRError(f"{flag} must be a finite number > 0, got {v}")
-        for flag, v in (("--max-steps", self.max_steps), ("--k-start", self.k_start), ("--warmup-steps", self.warmup_steps)):
-            if v < 0:
-                raise CSRError(f"{flag} must be >= 0, got {v}")
-
-
-@dataclass
-class TrainData:
-    """Rows to train on: `x [N, d]` (array or memmap), optional int labels (for `label`) and paired rows `x_pair`
-    (for `pair`: row i of x and x_pair are positives)."""
-    x: np.ndarray
-    labels: np.ndarray | None = None
-    x_pair: np.ndarray | None = None
-    identity: dict[str, Any] | None = None  # the data file's path, shape, dtype, size, mtime (checked on --resume)
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-
-# ----------------------------------------------------------------------------- losses of one step
-
-def step_losses(out: dict[str, torch.Tensor], x: torch.Tensor, cfg: TrainConfig, hidden: int,
-                labels: torch.Tensor | None = None, distributed: bool = False) -> dict[str, torch.Tensor]:
-    """All loss terms of one step from one forward pass; `total` is the weighted sum."""
-    if cfg.recon_loss == "mse":
-        recon = L.mse
-    else:
-        var = L.batch_variance(x, distributed)
-        recon = lambda p, t: L.mse(p, t) / var  # noqa: E731
-    k = int(out["k"])
-    terms = {"recon_k": recon(out["recon_k"], x), "recon_multi": recon(out["recon_multi"], x)}
-    if "aux_recon" in out:
-        residual = (x.float() - out["recon_k"].float()).detach()
-        terms["auxk"] = L.nmse(out["aux_recon"], residual, distributed)
-    else:
-        terms["auxk"] = torch.zeros((), device=x.device)
-    idx, vals = out["idx"][:, :k], out["vals"][:, :k]
-    if cfg.cl == "self":
-        terms["cl"] = L.self_contrastive(idx, vals, hidden, cfg.temperature)
-    elif cfg.cl == "label":
-        if labels is None:
-            raise CSRError("--cl label needs labels (a {split}_labels.npy beside the embeddings)")
-        terms["cl"] = L.label_contrastive(idx, vals, labels, hidden, cfg.temperature)
-    elif cfg.cl == "pair":
-        half = idx.shape[0] // 2
-        terms["cl"] = L.pair_contrastive(idx[:half], vals[:half], idx[half:], vals[half:], hidden, cfg.temperature)
-    else:
-        terms["cl"] = torch.zeros((), device=x.device)
-    terms["total"] = (terms["recon_k"] + cfg.multi_k_coef * terms["recon_multi"] + cfg.auxk_coef * terms["auxk"]
-                      + cfg.cl_coef * terms["cl"])
-    if cfg.sim_coef > 0:
-        terms["sim"] = L.similarity_preservation(idx, vals, x, hidden, cfg.sim_loss, cfg.sim_temperature)
-        terms["total"] = terms["total"] + cfg.sim_coef * terms["sim"]
-    return terms
-
-
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    def factor(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "cosine":
-            t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-        return 1.0
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-# ----------------------------------------------------------------------------- batches
-
-@dataclass
-class Batch:
-    """One step's input on this rank: `x` the model's rows (`[x; x_pair]` for pairs: the first half pairs
-    with the second), optional labels, and `samples`, how many samples it holds (a pair counts once)."""
-    x: torch.Tensor
-    labels: torch.Tensor | None = None
-    samples: int = 0
-
-
-class BatchSource(Protocol):
-    """What `train` consumes: `epoch(e)` yields this rank's `Batch`es of epoch e; `steps_per_epoch` sizes the
-    progress bar and the LR schedule. Optional attributes: `rows` (the training rows: b_pre / encoder
-    initialisation and the final dead-latent count), `identity` (checked on --resume), `skipped` (samples
-    dropped so far, logged), `uneven` (True when DDP ranks may run out of batches at different steps, as
-    streamed shards do: every step then checks that all ranks still have one)."""
-    steps_per_epoch: int
-
-    def epoch(self, epoch: int) -> Iterator[Batch]: ...
-
-
-class Batches:
-    """Deterministic shuffled global batches (seed, epoch) of `TrainData`; each DDP rank takes its slice."""
-
-    def __init__(self, data: TrainData, cfg: TrainConfig, rt: Runtime, ram_limit_bytes: float = 4e9):
-        self.data, self.cfg, self.rt = data, cfg, rt
-        self.n = len(data)
-        self.rows, self.identity = data.x, data.identity
-        if cfg.batch_size % rt.world_size:
-            raise CSRError(f"--batch-size {cfg.batch_size} must be divisible by the number of DDP ranks "
-                           f"({rt.world_size})")
-        # small arrays live in RAM as tensors; large ones are read from the memory map batch by batch. The limit
-        # is shared by the processes of this machine (each DDP rank would hold its own copy).
-        per_process = ram_limit_bytes / int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
-        self.cache = {}
-        for name in ("x", "x_pair"):
-            arr = getattr(data, name)
-            if arr is not None and arr.nbytes <= per_process:
-                self.cache[name] = torch.from_numpy(np.array(arr, dtype=np.float32))  # a writable copy
-        self.steps_per_epoch = math.ceil(self.n / cfg.batch_size)
-
-    def _rows(self, name: str, rows: np.ndarray) -> torch.Tensor:
-        if name in self.cache:
-            return self.cache[name][torch.from_numpy(rows)]
-        order = np.argsort(rows)
-        block = np.asarray(getattr(self.data, name)[rows[order]], dtype=np.float32)
-        out = np.empty_like(block)
-        out[order] = block
-        return torch.from_numpy(out)
-
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n)
-        B, W, r = self.cfg.batch_size, self.rt.world_size, self.rt.rank
-        for step in range(self.steps_per_epoch):
-            g = perm[step * B:(step + 1) * B]
-            per = len(g) // W
-            if per == 0:
-                continue
-            rows = g[r * per:(r + 1) * per]
-            x = self._rows("x", rows)
-            if self.data.x_pair is not None:
-                x = torch.cat([x, self._rows("x_pair", rows)])
-            labels = torch.from_numpy(self.data.labels[rows]) if self.data.labels is not None else None
-            yield Batch(x, labels, len(rows))
-
-
-def check_data(data: TrainData, cfg: TrainConfig) -> None:
-    """The contrastive term's inputs must exist: pairs for `pair`, labels for `label`."""
-    if cfg.cl == "pair" and data.x_pair is None:
-        raise CSRError("--cl pair needs paired rows (query/document or image/text embeddings)")
-    if cfg.cl == "label" and data.labels is None:
-        raise CSRError("--cl label needs labels (a {split}_labels.npy beside the embeddings)")
+from csr.train_config import TrainConfig, adam, make_scheduler, step_losses
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -287,13 +95,6 @@ def accumulate(sums: dict[str, float], terms: dict[str, torch.Tensor]) -> None:
 LossFn = Callable[[dict[str, torch.Tensor], Batch], dict[str, torch.Tensor]]
 
 
-def adam(cfg: TrainConfig) -> Callable[[CSR], torch.optim.Optimizer]:
-    """The paper's optimiser: Adam with the recipe's lr, eps and weight decay; `cfg.fused_adam` runs torch's fused
-    kernel (one pass over each parameter instead of one per arithmetic op: the same update to float rounding)."""
-    return lambda model: torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.wd,
-                                          fused=cfg.fused_adam)
-
-
 def train(model: CSR, data: TrainData | BatchSource, cfg: TrainConfig, out_dir: str | Path,
           rt: Runtime | None = None, args: dict[str, Any] | None = None, resume: bool | str | Path = False,
           progress: bool = True, extra: dict[str, Any] | None = None, loss_fn: LossFn | None = None,
@@ -314,6 +115,10 @@ def train(model: CSR, data: TrainData | BatchSource, cfg: TrainConfig, out_dir: 
     The steps: `start_run` (set-up, then `resume_or_init`), `run_epoch` (`train_step` per batch), `end_epoch`
     (log line, last.pt, epoch checkpoints) and `finish_run` (dead fraction on the rows, csr.pt and its sidecar).
     """
+    if isinstance(data, TrainData) and len(data) < MIN_ROWS:
+        what = (data.identity or {}).get("path") or "the training data"
+        raise CSRError(f"{what}: {len(data)} training row(s); CSR needs at least {MIN_ROWS} (a code learnt from one row "
+                       f"says nothing about any other)")
     extra = {**(extra or {}), **({"args": args} if args is not None else {})}
     run = start_run(model, data, cfg, Path(out_dir), rt or Runtime(), resume, extra, loss_fn, optimizer,
                     save_every=1 if cfg.keep_epochs else save_every, epoch_name=epoch_name)
@@ -549,7 +354,7 @@ class EpochTally:
 def run_epoch(run: Run, epoch: int, progress: bool) -> EpochTally:
     """Train on the batch source's epoch `epoch` until it ends or --max-steps is reached; returns its tally."""
     rt, tally = run.rt, EpochTally()
-    with tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.cfg.epochs}",
+    with progress_bar(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.cfg.epochs}",
               disable=not (progress and rt.is_main), leave=False) as bar:  # closed (cleared) on errors too
         batches = run.source.epoch(epoch)
         while (batch := next_batch(run, batches)) is not None:

@@ -13,12 +13,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from csr.clip import FrozenCLIP
 from csr.distributed import Runtime, barrier
 from csr.io import (CSRError, NpyWriter, atomic_save_npy, info, load_embeddings, read_sidecar, sidecar_path,
                     write_sidecar)
+from csr.progress import progress_bar
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXT = "txt"
@@ -180,7 +180,7 @@ def extract_features(clip: FrozenCLIP, stream: ShardStream, workers: int, limit:
                      progress: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
     """One pass over this rank's shards: (image [n, d], text [n, d]) float32 L2-normalised, n <= limit."""
     imgs, txts, n, skipped = [], [], 0, 0
-    bar = tqdm(total=limit, desc="CLIP features", unit="pair", disable=not progress, leave=False)
+    bar = progress_bar(total=limit, desc="CLIP features", unit="pair", disable=not progress, leave=False)
     for images, tokens, sk in shard_loader(stream, workers, clip.device.type == "cuda"):
         skipped += int(sk)
         imgs.append(clip.image_features(images).cpu().numpy())

@@ -96,10 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     bool_flag(rt, "--amp", default=True, help="float16 autocast on CUDA (ignored on CPU)")
     bool_flag(rt, "--channels_last", "--channels-last", default=True,
-              help="run the backbone in channels-last memory format (1.5-2x faster convolutions on CPU)")
+              help="run the backbone in channels-last memory format (the layout fast CPU convolutions prefer)")
     bool_flag(rt, "--freeze", default=True,
               help="on CPU, run the backbone as a frozen TorchScript graph (BatchNorm folded into the "
-                   "convolutions): 1.35-1.5x the images/s end to end here, features equal to eager ones to ~1e-5; "
+                   "convolutions; bench/extract_speed.py times it), features equal to eager ones to ~1e-5; "
                    "ignored on CUDA")
     rt.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads for the backbone (default 0 = torch's default, the core count)")

@@ -15,7 +15,7 @@ Codes come from files (`--database-codes/--query-codes`) or are generated with Z
 (csr/synthetic.py; `mild` = Zipf 0.5, `authors` = top 1 % of units carry half of the activations); the output
 says which. The paper runs 100 warm-up and 100 timed rounds; on a small CPU `--max-seconds` caps each
 setting (at least 1 warm-up and 3 timed rounds; the counts are reported).
-Writes results/retrieval_time.json (+ sidecar) and prints a markdown table. The harness is csr/retrieval_time.py.
+Writes results/retrieval_time.json (+ sidecar) and prints a markdown table. The harness is csr/search_timing.py.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from csr.cli import positive_int, run  # noqa: E402
 from csr.io import CSRError, atomic_write_json, check_output, write_sidecar  # noqa: E402
-from csr.retrieval_time import RetrievalTimeConfig, backend_device, time_settings  # noqa: E402
+from csr.search_timing import RetrievalTimeConfig, backend_device, time_settings  # noqa: E402
 
 
 def main(argv=None) -> dict:

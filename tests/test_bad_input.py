@@ -49,6 +49,14 @@ def save_split(folder: Path, split: str, x: np.ndarray, labels: np.ndarray | Non
     return folder / f"{split}_emb.npy"
 
 
+def save_text_folder(folder: Path, test: np.ndarray | None = None) -> Path:
+    """A text embedding folder in main_text.py embed's layout: train / test splits and corpus.json."""
+    save_split(folder, "train", rows(200, 0))
+    save_split(folder, "test", rows(60, 1) if test is None else test)
+    (folder / "corpus.json").write_text(json.dumps({"name": folder.name, "task": "labelled"}))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def w(tmp_path_factory):
     """A small world: good embeddings and labels, a finished run, a killed run, codes, neighbours, shards,
@@ -114,10 +122,7 @@ def w(tmp_path_factory):
     np.save(d / "empty_shards" / "labels_00000.npy", np.zeros(3, np.int64))
     # a text embedding folder (main_text.py embed's layout) with a mismatched twin
     for name, test in (("text", rows(60, 1)), ("text_wide", rows(60, 1, 24))):
-        td = d / name
-        save_split(td, "train", rows(200, 0))
-        save_split(td, "test", test)
-        (td / "corpus.json").write_text(json.dumps({"name": name, "task": "labelled"}))
+        save_text_folder(d / name, test)
     # one webdataset shard (the trainer checks names before loading CLIP)
     with tarfile.open(d / "shard-0000.tar", "w") as tar:
         for n in ("0.jpg", "0.txt"):

@@ -23,7 +23,7 @@ from csr.knn import l2_normalize, search
 from csr.model import CSR, CSRConfig
 from inference import csr_inference
 from retrieval import compute_metrics, faiss_nn
-from test_bad_input import D, expect_error, rows, save_split
+from test_bad_input import D, expect_error, rows, save_split, save_text_folder
 
 HIDDEN, K_CODE = 32, 4
 
@@ -90,10 +90,7 @@ def r(tmp_path_factory):
         (d / f"{name}.json").write_text(json.dumps(side))
     (d / "outdir").mkdir()
     (d / "outdir" / "keep").write_text("x")
-    td = d / "text"
-    save_split(td, "train", rows(200, 0))
-    save_split(td, "test", rows(60, 1))
-    (td / "corpus.json").write_text(json.dumps({"name": "text", "task": "labelled"}))
+    save_text_folder(d / "text")
     return f
 
 

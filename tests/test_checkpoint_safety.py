@@ -68,7 +68,7 @@ def test_every_visual_checkpoint_loads_weights_only(tmp_path):
 
 
 def test_every_image_text_checkpoint_loads_weights_only(tmp_path):
-    from csr.fixtures import build_fixtures
+    from csr.fmnist_captions import build_fixtures
     fx = build_fixtures(tmp_path / "fx", n_train=64, per_shard=32, n_eval=8, seed=0)
     main_multimodal.main(["--train-data", fx["train_data"], "--model", fx["model"], "--pretrained", fx["pretrained"],
                           "--csr-hidden-size", "64", "--csr-topk", "4", "--csr-auxk", "16", "--batch-size", "16",

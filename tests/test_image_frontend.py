@@ -18,7 +18,7 @@ from csr.backbones import Backbone, create_backbone, preprocess_from_config, rea
 from csr.fashion_mnist import CLASS_NAMES, DEFAULT_SOURCE, load_split, select_per_class
 from csr.images import FolderSource, scan_image_folder, subset_indices
 from csr.io import CSRError
-from csr.resample import resize_center_crop
+from csr.image_resize import resize_center_crop
 from inference import pretrained_embeddings
 from train import write_imagenet
 

@@ -28,7 +28,7 @@ from csr import zeroshot as zs
 from csr.checkpoint import load_model, save_checkpoint
 from csr.codes import load_codes
 from csr.io import CSRError
-from csr.topk import select_topk
+from csr.topk import topk_of_scores
 from csr.model import CSR, CSRConfig, dense_code
 from csr.train import TrainConfig
 
@@ -41,7 +41,7 @@ README_COMMAND = ('torchrun --nproc_per_node=1 ./main_multimodal.py --train-data
 
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
-    from csr.fixtures import build_fixtures
+    from csr.fmnist_captions import build_fixtures
     out = tmp_path_factory.mktemp("mm") / "fx"
     return build_fixtures(out, n_train=128, per_shard=32, n_eval=40, seed=0)
 
@@ -69,8 +69,8 @@ def test_recall_at_k_on_hand_made_scores():
                   [0.7, 0.6, 0.1, 0.5, 0.2, 0.0],    # image 1: its first caption (3) is ranked third
                   [0.3, 0.2, 0.4, 0.1, 0.6, 0.5]],   # image 2: caption 5 ranked second
                  dtype=np.float32)
-    i2t, _ = select_topk(S, 6)
-    t2i, _ = select_topk(np.ascontiguousarray(S.T), 3)
+    i2t, _ = topk_of_scores(S, 6)
+    t2i, _ = topk_of_scores(np.ascontiguousarray(S.T), 3)
     # caption 4 scores 0.2 with images 0 and 1: the tie goes to the lower index, so image 1 is third
     assert t2i[4].tolist() == [2, 0, 1]
     r = zs.recall_at_k(i2t, t2i, text_to_image, (1, 2, 3))
@@ -125,7 +125,7 @@ def test_eval_csr_false_equals_plain_clip_cosine(fx, tmp_path):
 def write_numbered_shards(root: Path, n_shards: int = 4, per_shard: int = 10) -> list[str]:
     """Shards whose captions name their sample (`s17`); sample 3 of shard 0 has no caption."""
     import webdataset as wds
-    from csr.fixtures import jpeg_bytes
+    from csr.fmnist_captions import jpeg_bytes
     img = jpeg_bytes(np.zeros((4, 4), np.uint8))
     paths = []
     for s in range(n_shards):
@@ -338,7 +338,7 @@ def test_torchrun_two_processes_gloo(fx, tmp_path):
 
 
 def test_tiny_clip_training_writes_weights_that_load_and_differ(fx):
-    from csr.fixtures import train_tiny_clip
+    from csr.fmnist_captions import train_tiny_clip
     summary = train_tiny_clip(Path(fx["model"]).parent, steps=3, batch_size=16, progress=False)
     assert summary["steps"] == 3
     trained = clip_.load_clip(fx["model"], summary["weights"], "cpu", "fp32")

@@ -24,7 +24,7 @@ from csr.checkpoint import read_checkpoint, save_checkpoint
 from csr.model import CSR, CSRConfig
 from csr.recipes import RECIPES
 from inference import csr_inference
-from test_bad_input import TRAIN, expect_error, rows, save_split
+from test_bad_input import TRAIN, expect_error, rows, save_split, save_text_folder
 
 # 200 rows, batch 20: 10 steps per epoch, 60 in all; 256 units at k = 2 leave many idle, so resampling every 14
 # steps (until 50 or 90 % of the steps) moves units at steps 14 and 28 (and 42); the kill at step 22 comes after
@@ -143,10 +143,7 @@ def r(tmp_path_factory):
         f[name].mkdir()
         shutil.copy(path, f[name] / "last.pt")
         shutil.copy(f["killed"] / "log.jsonl", f[name] / "log.jsonl")
-    text = d / "text"
-    save_split(text, "train", rows(200, 0))
-    save_split(text, "test", rows(60, 1))
-    (text / "corpus.json").write_text(json.dumps({"name": "text", "task": "labelled"}))
+    save_text_folder(d / "text")
     return f
 
 
@@ -160,7 +157,13 @@ def cases(f):
            "--csr_ckpt"]
     te = [main_text.main, "eval", "--emb-dir", d / "text", "--methods", "csr", "--dims", "4", "--out", new / "r.json",
           "--csr"]
-    out = []
+    one, five = save_split(d / "one", "train", rows(1, 3)), save_split(d / "five", "train", rows(5, 4))
+    out = [  # too few rows: one row says nothing; a recipe sized from 5 rows would give dense codes at k = 8
+        (main_visual.main, "--pretrained_emb", one, "--out", new, "one/train_emb.npy: 1 training row(s); CSR needs "
+         "at least 2"),
+        (main_visual.main, "--pretrained_emb", five, "--topk", "8", "--recipe", "recommended", "--out", new,
+         "--recipe recommended: 8 units from 5 training rows at k=8 give dense codes"),
+    ]
     for ckpt, needle in ((f["zero"], "zero.pt: empty checkpoint file (0 bytes)"),
                          (f["strcfg"], "strcfg.pt: not a CSR checkpoint ('config' is a str, expected a dict)")):
         out += [(*inf, ckpt, needle), (*ex, ckpt, needle), (*mme, ckpt, needle), (*te, ckpt, needle),
@@ -251,3 +254,11 @@ def test_overwrite_replaces_the_old_run_once_the_new_one_writes(r, tmp_path):
     ck = read_checkpoint(out / "csr.pt")
     assert ck["data"]["shape"] == [60, 16] and not torch.equal(ck["state_dict"]["encoder.weight"], old)
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_one_active_unit_trains_with_every_contrastive_term(r, tmp_path):
+    """k = 1 (a [B, 1] slice of the top-k indices) through the contrastive terms' backward."""
+    for cl in ("self", "label"):
+        main_visual.main(["--pretrained_emb", str(r["emb"]), *TRAIN, "--topk", "1", "--cl", cl,
+                          "--out", str(tmp_path / cl)])
+        assert (tmp_path / cl / "csr.pt").exists()

@@ -13,7 +13,7 @@ from csr.baselines import PCA, MRLConfig, train_mrl
 from csr.codes import SparseCodes, save_codes
 from csr.io import read_rows
 from csr.knn import merge_topk, search
-from csr.topk import select_topk
+from csr.topk import topk_of_scores
 from bench.dry_run import DryRun, Stage, run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,11 +78,11 @@ def test_mrl_reads_batches_from_a_memory_map_and_stops_at_max_steps(tmp_path, mo
 def test_merge_of_slice_topk_lists_equals_one_search_with_ties():
     rng = np.random.default_rng(2)
     scores = rng.integers(0, 4, (50, 40)).astype(np.float32)  # many exact ties
-    ref_i, ref_s = select_topk(scores, 7)
+    ref_i, ref_s = topk_of_scores(scores, 7)
     parts = [(0, 13), (13, 14), (14, 40)]  # one slice shorter than K: padded with -inf
     cand_i, cand_s = [], []
     for lo, hi in parts:
-        i, s = select_topk(scores[:, lo:hi], min(7, hi - lo), offset=lo)
+        i, s = topk_of_scores(scores[:, lo:hi], min(7, hi - lo), offset=lo)
         pad = 7 - i.shape[1]
         cand_i.append(np.pad(i, ((0, 0), (0, pad))))
         cand_s.append(np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf))

@@ -1,4 +1,5 @@
-"""Small real-format image-text fixtures from Fashion-MNIST, for the multimodal tests and the CPU demo.
+"""Fashion-MNIST images with templated captions: small real-format image-text data sets (shards, COCO and
+Flickr30k retrieval files, a tiny CLIP) for the multimodal tests and the CPU demo.
 
 Images are real (the Debian package `dataset-fashion-mnist`, IDX files, as RGB JPEGs); the CAPTIONS ARE
 TEMPLATED from each image's class name and simple attributes measured on its pixels (brightness, how much of
