@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ class Headline:
     command: str
     stage_times: str | None = None
     kind: str = "sweep"  # sweep | panel
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    metrics: tuple[str, ...] | None = None  # the tables shown (csr.sweep.METRICS keys; None: every one)
 
 
 HEADLINES: dict[str, Headline] = {
@@ -33,6 +33,8 @@ HEADLINES: dict[str, Headline] = {
     "demo-full": Headline(("results/fmnist_full/results.json",), "make demo-full",
                           ".cache/fmnist_full/stage_times.txt"),
     "demo-text": Headline(("results/text/bbc/results.json", "results/text/r8/results.json"), "make demo-text"),
+    "demo-text-summary": Headline(("results/text/bbc/results.json", "results/text/r8/results.json"),
+                                  "make demo-text", metrics=("top1",)),
     "panel": Headline(("runs/panel/panel_recommended.json",), "python bench/recipe_val.py --recipe recommended",
                       kind="panel"),
 }
@@ -81,7 +83,8 @@ def render_sweep(name: str, h: Headline, root: Path) -> str:
             raise CSRError(f"{root / run}: not a sweep's results.json (no parts or header); re-run `{h.command}`")
         lines += [f"Run `{res.get('command', '?')}` at commit {res.get('commit', 'not recorded')} on "
                   f"{_machine(res.get('machine'))}; sweep wall time {res.get('wall_seconds', float('nan')):.0f} s.",
-                  "", report_text(res["parts"], res.get("ablation", []), res["ks"], res["header"]).rstrip(), ""]
+                  "", report_text(res["parts"], res.get("ablation", []), res["ks"], res["header"], h.metrics).rstrip(),
+                  ""]
     return "\n".join(lines)
 
 

@@ -340,9 +340,12 @@ METRICS = {"top1": "1-NN top-1 accuracy (%)", "knn10_acc": "kNN-10 classificatio
 
 
 def row_order(parts: list[dict]) -> list[str]:
-    """Rows of a report: the known methods in STYLES order, then other CSR variants as they first appear."""
+    """Rows of a report: CSR rows first (the named ones in STYLES order, then other variants as they first
+    appear), then the baselines in STYLES order."""
     present = list(dict.fromkeys(p.get("row", p["method"]) for p in parts if p["method"] != "full"))
-    return [m for m in STYLES if m in present] + [m for m in present if m not in STYLES]
+    known = [m for m in STYLES if m in present]
+    csr_rows = [m for m in known if m.startswith("csr")] + [m for m in present if m not in STYLES]
+    return csr_rows + [m for m in known if not m.startswith("csr")]
 
 
 def row_name(row: str, parts: list[dict]) -> str:
@@ -350,13 +353,13 @@ def row_name(row: str, parts: list[dict]) -> str:
     return METHOD_NAMES.get(row) or f"CSR ({spec or row})"
 
 
-def results_table(parts: list[dict], dims: list[int], header: str) -> str:
-    """One table per metric the parts hold (1-NN top-1; text also kNN-10 accuracy and V-measure): rows = methods,
-    columns = active dimensions; the 1-NN table also gives the dead latents of each CSR row."""
+def results_table(parts: list[dict], dims: list[int], header: str, metrics: tuple[str, ...] | None = None) -> str:
+    """One table per metric the parts hold (1-NN top-1; text also kNN-10 accuracy and V-measure; `metrics`: only
+    these): rows = methods, columns = active dimensions; the 1-NN table also gives each CSR row's dead latents."""
     full = next((p for p in parts if p["method"] == "full"), None)
     lines = [header]
     for metric, title in METRICS.items():
-        if not any(metric in p for p in parts):
+        if not any(metric in p for p in parts) or (metrics is not None and metric not in metrics):
             continue
         rows = []
         for row in row_order(parts):
@@ -426,9 +429,10 @@ def sweep_report(sw: Sweep, plan: Plan, model_cfg: CSRConfig, train_cfg: TrainCo
     return table
 
 
-def report_text(parts: list[dict], ablation: list[dict], dims: list[int], header: str) -> str:
-    """The report's text (table.md): the tables per metric, then the one-change variants."""
-    table = results_table(parts, dims, header)
+def report_text(parts: list[dict], ablation: list[dict], dims: list[int], header: str,
+                metrics: tuple[str, ...] | None = None) -> str:
+    """The report's text (table.md): the tables per metric (`metrics`: only these), then the one-change variants."""
+    table = results_table(parts, dims, header, metrics)
     if ablation:
         table += (f"\nOne-change variants at k = {ablation[0]['dims']} (each a change to the flags' recipe):\n\n"
                   + ablation_table(ablation))
