@@ -10,7 +10,7 @@ wall time (normalisation + index build + search) and peak RSS (the whole process
 is the best exact CPU alternative on PyPI, sparse-dot-topn (fused sparse matmul + top-n, `sp_matmul_topn`).
 Answers are compared: scores to 1e-5 on every row, indices wherever the score is not tied.
 Writes results/knn_eval.json (+ sidecar). The last line is the smaller of the two k=32 speed-ups over
-sparse-dot-topn, e.g. `speedup 7.4x`.
+sparse-dot-topn, as `speedup <ratio>x`.
 """
 from __future__ import annotations
 
